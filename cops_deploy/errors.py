@@ -1,0 +1,31 @@
+"""Typed exceptions shared by the build side and the torch-free run side."""
+
+from __future__ import annotations
+
+
+class CopsError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigError(CopsError, ValueError):
+    """An unknown architecture name or an invalid configuration value."""
+
+
+class WeightsError(CopsError):
+    """A weight file that cannot be read, or whose keys or shapes do not fit the model."""
+
+
+class ImageReadError(CopsError):
+    """An input image that cannot be read or converted (names the file)."""
+
+
+class BundleError(CopsError):
+    """A deployment bundle that is missing, tampered with, truncated or mismatched."""
+
+
+class DatasetError(CopsError):
+    """A dataset root or file that does not have the expected layout."""
+
+
+class MissingDependencyError(CopsError, ImportError):
+    """An optional package is needed for this feature; the message gives the install command."""
