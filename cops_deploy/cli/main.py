@@ -1,0 +1,52 @@
+"""The ``cops`` command: one sub-command per module ``cops_deploy/cli/*_cmd.py``.
+
+Each such module defines ``add_parser(subparsers) -> argparse.ArgumentParser`` and sets
+``func=`` (a callable taking the parsed namespace and returning an exit status) as the parser's
+default. Modules import heavy packages (torch) inside their ``func`` only, so ``cops --help``
+stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from collections.abc import Sequence
+
+import cops_deploy
+from cops_deploy.errors import CopsError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``cops`` argument parser with every discovered sub-command."""
+    parser = argparse.ArgumentParser(
+        prog="cops", description="CoPS zero-shot anomaly detection: predict, data, train, eval."
+    )
+    parser.add_argument("--version", action="version", version=cops_deploy.__version__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    import cops_deploy.cli as cli_pkg
+
+    for info in sorted(pkgutil.iter_modules(cli_pkg.__path__), key=lambda m: m.name):
+        if info.name.endswith("_cmd"):
+            module = importlib.import_module(f"cops_deploy.cli.{info.name}")
+            module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``cops``; returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except CopsError as exc:
+        print(f"cops {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Run side: bundle reader, preprocessing, backends and the Detector API. Never imports torch."""
