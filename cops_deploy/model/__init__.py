@@ -1,1 +1,6 @@
-"""cops_deploy.model."""
+"""PyTorch CoPS, faithful to METHOD.md: backbone, text tower, ESTS, ICTS, head, weight I/O."""
+
+from cops_deploy.model.cops import CopsIntermediates, CopsModel, CopsOutput
+from cops_deploy.model.factory import create_model, load_model, save_model
+
+__all__ = ["CopsIntermediates", "CopsModel", "CopsOutput", "create_model", "load_model", "save_model"]
