@@ -10,7 +10,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "create_model", "list_models", "load_model"]
+__all__ = ["__version__", "create_model", "list_models", "load_model", "save_model"]
 
 
 def list_models() -> list[str]:
@@ -21,7 +21,7 @@ def list_models() -> list[str]:
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("create_model", "load_model"):
+    if name in ("create_model", "load_model", "save_model"):
         from cops_deploy.model import factory
 
         return getattr(factory, name)

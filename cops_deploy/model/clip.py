@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -33,7 +34,8 @@ class VisionOutput(NamedTuple):
 
 def resize_positions(pos: torch.Tensor, grid: int) -> torch.Tensor:
     """Bilinearly resize the patch part of a (1 + g*g, W) positional table to ``grid``."""
-    old = round((pos.shape[0] - 1) ** 0.5)
+    old = math.isqrt(int(pos.shape[0]) - 1)
+    grid = int(grid)
     if old == grid:
         return pos
     patch = pos[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)  # (1, W, g, g)
@@ -141,7 +143,7 @@ class ClipModel(nn.Module):
         super().__init__()
         self.visual = VisionTower(cfg.vision, cfg.embed_dim, impl)
         self.text = TextTower(cfg.text, cfg.embed_dim, impl)
-        self.logit_scale = nn.Parameter(torch.tensor(4.6052))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     # OpenAI keys: transformer.*, token_embedding.*, positional_embedding, ln_final.*,
     # text_projection sit at the top level; map them onto the text tower.
