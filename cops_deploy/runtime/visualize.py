@@ -1,0 +1,240 @@
+"""Heatmaps for anomaly maps: a numpy jet colormap, overlays and a three-panel PNG.
+
+Torch-free (numpy and Pillow only). Anomaly maps are probabilities, so the colour scale is
+fixed to 0..1 by default and heatmaps are comparable across images; ``normalize=True`` stretches
+each map over its own min..max instead (shows structure, hides the absolute level).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from cops_deploy.errors import ConfigError
+from cops_deploy.runtime.images import _check_map, load_image, resize_map
+
+__all__ = ["JET_LUT", "colorize", "overlay", "side_by_side"]
+
+# matplotlib's "jet" segment data: (x, y_left, y_right) per channel.
+_JET_SEGMENTS: dict[str, tuple[tuple[float, float, float], ...]] = {
+    "red": ((0.0, 0, 0), (0.35, 0, 0), (0.66, 1, 1), (0.89, 1, 1), (1.0, 0.5, 0.5)),
+    "green": ((0.0, 0, 0), (0.125, 0, 0), (0.375, 1, 1), (0.64, 1, 1), (0.91, 0, 0), (1.0, 0, 0)),
+    "blue": ((0.0, 0.5, 0.5), (0.11, 1, 1), (0.34, 1, 1), (0.65, 0, 0), (1.0, 0, 0)),
+}
+_LUT_SIZE = 256
+_CAPTION_H = 22  # pixels above the panels for the captions
+_GAP = 4  # pixels between panels
+_BACKGROUND = (255, 255, 255)
+_TEXT = (0, 0, 0)
+
+
+def _segment_lut(segments: tuple[tuple[float, float, float], ...], n: int) -> np.ndarray:
+    """Sample piecewise-linear segment data at n points, as matplotlib's lookup table does."""
+    data = np.asarray(segments, dtype=np.float64)
+    x, y0, y1 = data[:, 0] * (n - 1), data[:, 1], data[:, 2]
+    xind = (n - 1) * np.linspace(0.0, 1.0, n)
+    ind = np.searchsorted(x, xind)[1:-1]
+    distance = (xind[1:-1] - x[ind - 1]) / (x[ind] - x[ind - 1])
+    lut = np.concatenate([[y1[0]], distance * (y0[ind] - y1[ind - 1]) + y1[ind - 1], [y0[-1]]])
+    return np.clip(lut, 0.0, 1.0)
+
+
+def _build_jet_lut() -> np.ndarray:
+    """(256, 3) uint8 jet table, equal to ``matplotlib.colormaps['jet'](x, bytes=True)``."""
+    lut = np.stack([_segment_lut(_JET_SEGMENTS[c], _LUT_SIZE) for c in ("red", "green", "blue")])
+    table = (lut.T * 255).astype(np.uint8)
+    table.setflags(write=False)
+    return table
+
+
+JET_LUT: np.ndarray = _build_jet_lut()
+
+
+def colorize(map01: np.ndarray) -> np.ndarray:
+    """Colour a 2-D map of values in [0, 1] with jet: (H, W, 3) uint8 RGB.
+
+    Values outside [0, 1] are clipped; NaN is drawn black. Equal to matplotlib's jet with 256
+    colours (the map is taken as float32).
+
+    Raises:
+        ImageReadError: ``map01`` is not a 2-D real-valued array.
+    """
+    m = _check_map(map01)
+    nan = np.isnan(m)
+    idx = np.clip(np.nan_to_num(m, nan=0.0), 0.0, 1.0) * _LUT_SIZE  # exact: power of two
+    idx = np.minimum(idx.astype(np.int64), _LUT_SIZE - 1)
+    out = JET_LUT[idx]
+    out[nan] = 0
+    return out
+
+
+def _scale(
+    anomaly_map: np.ndarray, vmin: float | None, vmax: float | None, normalize: bool
+) -> tuple[np.ndarray, float, float]:
+    """Map values to [0, 1] for colouring; returns the scaled map and the (low, high) used."""
+    if normalize:
+        if vmin is not None or vmax is not None:
+            raise ConfigError(
+                f"normalize=True with vmin={vmin!r}, vmax={vmax!r}: the two are exclusive; "
+                "normalize stretches each map over its own min..max. Fix: pass either "
+                "normalize=True or fixed vmin/vmax, not both."
+            )
+        finite = anomaly_map[np.isfinite(anomaly_map)]
+        lo = float(finite.min()) if finite.size else 0.0
+        hi = float(finite.max()) if finite.size else 1.0
+        if hi <= lo:  # constant map: draw it at the low end
+            return np.zeros_like(anomaly_map), lo, hi
+    else:
+        lo = 0.0 if vmin is None else float(vmin)
+        hi = 1.0 if vmax is None else float(vmax)
+        if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+            raise ConfigError(
+                f"invalid colour range vmin={vmin!r}, vmax={vmax!r}; valid: finite values with "
+                "vmin < vmax (default 0 and 1, the probability range). Fix: pass vmin < vmax, "
+                "or normalize=True for a per-image range."
+            )
+    return (anomaly_map - np.float32(lo)) / np.float32(hi - lo), lo, hi
+
+
+def _check_alpha(alpha: float) -> float:
+    """Blend weight in [0, 1], or ConfigError."""
+    if isinstance(alpha, bool) or not (
+        isinstance(alpha, (int, float, np.floating)) and 0.0 <= float(alpha) <= 1.0
+    ):
+        raise ConfigError(
+            f"invalid overlay alpha {alpha!r}; valid: a number in [0, 1] (weight of the "
+            "heatmap). Fix: pass e.g. alpha=0.5."
+        )
+    return float(alpha)
+
+
+def overlay(
+    rgb: np.ndarray,
+    anomaly_map: np.ndarray,
+    alpha: float = 0.5,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    normalize: bool = False,
+) -> np.ndarray:
+    """Blend the jet heatmap of ``anomaly_map`` over ``rgb``: (H, W, 3) uint8 at rgb's size.
+
+    Args:
+        rgb: the image, (H, W, 3) uint8 (any array :func:`load_image` accepts).
+        anomaly_map: (h, w) map; resized bilinearly to (H, W) if its size differs.
+        alpha: weight of the heatmap; 0 gives the image, 1 the heatmap.
+        vmin, vmax: values drawn as the coldest and hottest colour; None means 0 and 1.
+        normalize: use the map's own min and max instead (exclusive with vmin/vmax).
+
+    Raises:
+        ImageReadError: ``rgb`` or ``anomaly_map`` has an unaccepted dtype or shape.
+        ConfigError: ``alpha``, ``vmin``/``vmax`` or ``normalize`` is invalid.
+    """
+    a = _check_alpha(alpha)
+    image = load_image(rgb)
+    m = resize_map(_check_map(anomaly_map), image.shape[:2])
+    scaled, _, _ = _scale(m, vmin, vmax, normalize)
+    heat = colorize(scaled).astype(np.float32)
+    out = (1.0 - a) * image.astype(np.float32) + a * heat
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def side_by_side(
+    rgb: np.ndarray,
+    anomaly_map: np.ndarray,
+    out_path: str | os.PathLike[str],
+    score: float | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    normalize: bool = False,
+    alpha: float = 0.5,
+    tile: int = 518,
+) -> Path:
+    """Write a PNG with three panels: the image, the heatmap and the overlay.
+
+    Each panel is ``tile`` pixels high and keeps the image's aspect ratio (width
+    ``max(1, round(W * tile / H))``); panels are separated by 4 white pixels and a 22-pixel
+    caption strip above them names each panel, the colour range and, if given, the score. The
+    PNG is written to a temporary file beside ``out_path`` and renamed over it (atomic); missing
+    parent directories are created.
+
+    Args:
+        rgb, anomaly_map, alpha, vmin, vmax, normalize: as for :func:`overlay` (default colour
+            range 0..1, fixed so heatmaps are comparable across images).
+        out_path: destination, with suffix '.png'.
+        score: the image score, shown in the caption when given.
+        tile: panel height in pixels.
+
+    Returns:
+        ``out_path`` as a Path.
+
+    Raises:
+        ImageReadError: ``rgb`` or ``anomaly_map`` has an unaccepted dtype or shape.
+        ConfigError: ``out_path`` does not end in '.png', or another argument is invalid.
+        OSError: the file cannot be written (no temporary file is left behind).
+    """
+    out = Path(out_path)
+    if out.suffix.lower() != ".png":
+        raise ConfigError(
+            f"invalid output path {str(out)!r}: suffix {out.suffix or '(none)'!r}; valid: '.png' "
+            f"(the panels are written as PNG). Fix: use {str(out.with_suffix('.png'))!r}."
+        )
+    if isinstance(tile, bool) or not isinstance(tile, (int, np.integer)) or tile < 1:
+        raise ConfigError(
+            f"invalid tile height {tile!r}; valid: a positive integer. Fix: pass e.g. tile=518."
+        )
+    if score is not None and not isinstance(score, (int, float, np.floating, np.integer)):
+        raise ConfigError(
+            f"invalid score {score!r} of type {type(score).__name__}; valid: a number or None. "
+            "Fix: pass float(score)."
+        )
+    a = _check_alpha(alpha)
+    image = load_image(rgb)
+    h, w = image.shape[:2]
+    tw = max(1, round(w * tile / h))
+
+    img_tile = np.asarray(
+        Image.fromarray(image).resize((tw, tile), Image.Resampling.BICUBIC), dtype=np.uint8
+    )
+    map_tile = resize_map(_check_map(anomaly_map), (tile, tw))
+    scaled, lo, hi = _scale(map_tile, vmin, vmax, normalize)
+    heat = colorize(scaled)
+    blend = (1.0 - a) * img_tile.astype(np.float32) + a * heat.astype(np.float32)
+    over = np.clip(np.rint(blend), 0, 255).astype(np.uint8)
+
+    canvas = Image.new("RGB", (3 * tw + 2 * _GAP, _CAPTION_H + tile), _BACKGROUND)
+    range_name = "min-max" if normalize else "range"
+    captions = [
+        f"image {w}x{h}",
+        f"anomaly map ({range_name} {lo:.3g}..{hi:.3g})",
+        "overlay" if score is None else f"overlay  score {float(score):.4f}",
+    ]
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    for i, (panel, caption) in enumerate(zip((img_tile, heat, over), captions, strict=True)):
+        x = i * (tw + _GAP)
+        canvas.paste(Image.fromarray(panel), (x, _CAPTION_H))
+        draw.text((x + 4, 4), caption, fill=_TEXT, font=font)
+
+    _save_png_atomic(canvas, out)
+    return out
+
+
+def _save_png_atomic(img: Image.Image, out: Path) -> None:
+    """Write ``img`` as PNG to a temporary file in out's directory, then rename it to ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            img.save(fh, format="PNG")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,362 @@
+"""Bundle writer: atomic writes, --force semantics, ONNX external data, reader round trip."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cops_deploy.build import bundle_writer
+from cops_deploy.build.bundle_writer import BundleWriter, onnx_external_data_files
+from cops_deploy.errors import BundleError
+from cops_deploy.runtime.bundle import (
+    MANIFEST_NAME,
+    EngineKey,
+    GraphIO,
+    HeadCfg,
+    PreprocessCfg,
+    Provenance,
+    TensorSpec,
+    open_bundle,
+    sha256_file,
+)
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+
+def make_onnx(path: Path, external: bool) -> np.ndarray:
+    """A tiny y = x @ W graph; with ``external`` W lives in ``<name>.data`` beside it."""
+    weight = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+        initializer=[numpy_helper.from_array(weight, "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=f"{path.name}.data",
+        size_threshold=0,
+    )
+    return weight
+
+
+def set_meta(writer: BundleWriter, **overrides: object) -> None:
+    io = GraphIO(
+        file="vision.onnx",
+        inputs=(TensorSpec("x", "float32", ("batch", 4)),),
+        outputs=(TensorSpec("y", "float32", ("batch", 3)),),
+    )
+    meta: dict[str, object] = {
+        "model_config": {"name": "cops-tiny", "width": 64},
+        "preprocess": PreprocessCfg(518, (0.48, 0.46, 0.41), (0.27, 0.26, 0.28), "bicubic"),
+        "head": HeadCfg(alpha=0.3, beta=0.9, sigma=4.0, R=10, tau=0.07, kernel=5),
+        "graphs": {"vision": io},
+        "provenance": Provenance(random_weights=True),
+        "parity": {"max_abs": 1e-6},
+        "threshold": 0.5,
+        "tool_versions": {"onnx": onnx.__version__},
+    }
+    meta.update(overrides)
+    writer.set_metadata(**meta)  # type: ignore[arg-type]
+
+
+def write_minimal(out: Path, tag: bytes = b"v1", force: bool = False) -> Path:
+    """A small valid bundle whose head graph content is ``tag`` (to tell versions apart)."""
+    src = out.parent / f"src-{out.name}-{tag.decode()}"
+    make_onnx(src / "vision.onnx", external=False)
+    with BundleWriter(out, force=force) as w:
+        w.add_onnx(src / "vision.onnx", "vision_onnx")
+        w.add_bytes(tag, "head.onnx", "head_onnx")
+        set_meta(w)
+    return out
+
+
+def siblings(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir() if not p.name.startswith("src-"))
+
+
+# -- round trip --------------------------------------------------------------------------------
+
+
+def test_round_trip_with_external_data(tmp_path: Path) -> None:
+    src = tmp_path / "export"
+    weight = make_onnx(src / "vision.onnx", external=True)
+    make_onnx(src / "head.onnx", external=False)
+    (src / "vision.engine").write_bytes(b"engine bytes")
+    assert onnx_external_data_files(src / "vision.onnx") == ["vision.onnx.data"]
+    key = EngineKey("0" * 64, "10.13", "NVIDIA H200", "9.0", "fp16", "b1-4-8")
+    out = tmp_path / "out" / "bundle"
+    bias = np.arange(12, dtype=np.float32).reshape(3, 4)
+    with BundleWriter(out) as w:
+        assert w.add_onnx(src / "vision.onnx", "vision_onnx") == "vision.onnx"
+        w.add_onnx(src / "head.onnx", "head_onnx")
+        w.add_array(bias, "tables/bias.npy", "table")
+        w.add_bytes(b"\x00\x01", "raw.bin", "raw")
+        w.add_engine(src / "vision.engine", key)
+        set_meta(w)
+    bundle = open_bundle(out)
+    m = bundle.manifest
+    assert w.manifest == m
+    roles = {e.path: e.role for e in m.files}
+    assert roles == {
+        "vision.onnx": "vision_onnx",
+        "vision.onnx.data": "vision_onnx_data",
+        "head.onnx": "head_onnx",
+        "tables/bias.npy": "table",
+        "raw.bin": "raw",
+        "vision.engine": "engine",
+    }
+    data_entry = m.file("vision.onnx.data")
+    assert data_entry.sha256 == sha256_file(src / "vision.onnx.data")
+    assert data_entry.size == (src / "vision.onnx.data").stat().st_size
+    assert m.engines == {"vision.engine": key}
+    assert m.head.R == 10 and m.threshold == 0.5 and m.parity == {"max_abs": 1e-6}
+    assert m.tool_versions["onnx"] == onnx.__version__ and "numpy" in m.tool_versions
+    loaded = onnx.load(str(bundle.path_of("vision_onnx")))
+    np.testing.assert_array_equal(numpy_helper.to_array(loaded.graph.initializer[0]), weight)
+    np.testing.assert_array_equal(bundle.load_array("table"), bias)
+    assert siblings(out) == ["bundle"]
+
+
+def test_manifest_file_is_sorted_json(tmp_path: Path) -> None:
+    out = write_minimal(tmp_path / "b")
+    text = (out / MANIFEST_NAME).read_text()
+    assert text == json.dumps(json.loads(text), sort_keys=True, indent=2) + "\n"
+
+
+def test_renamed_onnx_keeps_external_data_beside_it(tmp_path: Path) -> None:
+    src = tmp_path / "export"
+    make_onnx(src / "m.onnx", external=True)
+    out = tmp_path / "b"
+    with BundleWriter(out, required_roles=()) as w:
+        w.add_onnx(src / "m.onnx", "vision_onnx", name="graphs/vision.onnx")
+        set_meta(w, graphs={})
+    names = [e.path for e in open_bundle(out, required_roles=()).manifest.files]
+    assert names == ["graphs/m.onnx.data", "graphs/vision.onnx"]
+    onnx.load(str(out / "graphs" / "vision.onnx"))  # finds its external data
+
+
+def test_metadata_as_dicts(tmp_path: Path) -> None:
+    out = tmp_path / "b"
+    make_onnx(tmp_path / "src" / "vision.onnx", external=False)
+    with BundleWriter(out, required_roles=["vision_onnx"]) as w:
+        w.add_onnx(tmp_path / "src" / "vision.onnx", "vision_onnx")
+        set_meta(
+            w,
+            head={"alpha": 0.26, "beta": 1.0, "sigma": 4, "R": 10, "tau": 0.07, "kernel": 3},
+            provenance={
+                "random_weights": False,
+                "checkpoint_sha256": "c" * 64,
+                "clip_sha256": None,
+            },
+            threshold=None,
+        )
+    m = open_bundle(out, required_roles=["vision_onnx"]).manifest
+    assert m.head.kernel == 3 and m.threshold is None and not m.provenance.random_weights
+
+
+# -- existing output and --force ---------------------------------------------------------------
+
+
+def test_existing_bundle_without_force(tmp_path: Path) -> None:
+    out = write_minimal(tmp_path / "b", b"v1")
+    before = (out / MANIFEST_NAME).read_bytes()
+    with pytest.raises(BundleError, match="already exists; refusing to overwrite.*--force"):
+        write_minimal(out, b"v2")
+    assert (out / MANIFEST_NAME).read_bytes() == before
+    assert (out / "head.onnx").read_bytes() == b"v1"
+    assert siblings(out) == ["b"]
+
+
+def test_force_replaces(tmp_path: Path) -> None:
+    out = write_minimal(tmp_path / "b", b"v1")
+    write_minimal(out, b"v2", force=True)
+    assert (out / "head.onnx").read_bytes() == b"v2"
+    open_bundle(out)
+    assert siblings(out) == ["b"]
+
+
+def test_force_into_empty_directory(tmp_path: Path) -> None:
+    out = tmp_path / "b"
+    out.mkdir()
+    write_minimal(out, b"v1", force=True)
+    open_bundle(out)
+
+
+def test_force_refuses_a_directory_that_is_not_a_bundle(tmp_path: Path) -> None:
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(BundleError, match="is not a bundle .*--force replaces only bundles"):
+        write_minimal(out, force=True)
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_exception_inside_writer_leaves_old_bundle_and_no_temp(tmp_path: Path) -> None:
+    out = write_minimal(tmp_path / "b", b"v1")
+    with pytest.raises(RuntimeError, match="boom"):
+        with BundleWriter(out, force=True) as w:
+            w.add_bytes(b"v2", "head.onnx", "head_onnx")
+            staging = w.staging_dir
+            assert staging.is_dir()
+            raise RuntimeError("boom")
+    assert not staging.exists()
+    assert (out / "head.onnx").read_bytes() == b"v1"
+    open_bundle(out)
+    assert siblings(out) == ["b"]
+
+
+def test_exception_without_existing_bundle_leaves_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "b"
+    with pytest.raises(KeyboardInterrupt):
+        with BundleWriter(out) as w:
+            w.add_bytes(b"x", "head.onnx", "head_onnx")
+            raise KeyboardInterrupt
+    assert siblings(out) == []
+
+
+def test_failed_final_rename_restores_old_bundle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = write_minimal(tmp_path / "b", b"v1")
+    real_rename = os.rename
+
+    def flaky_rename(src: os.PathLike[str], dst: os.PathLike[str]) -> None:
+        if ".tmp-" in Path(src).name:
+            raise OSError("disk full")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(bundle_writer.os, "rename", flaky_rename)
+    with pytest.raises(OSError, match="disk full"):
+        write_minimal(out, b"v2", force=True)
+    assert (out / "head.onnx").read_bytes() == b"v1"
+    open_bundle(out)
+    assert siblings(out) == ["b"]
+
+
+def test_missing_required_role_fails_commit_cleanly(tmp_path: Path) -> None:
+    out = write_minimal(tmp_path / "b", b"v1")
+    with pytest.raises(BundleError, match=r"required role\(s\) \['vision_onnx'\]"):
+        with BundleWriter(out, force=True) as w:
+            w.add_bytes(b"v2", "head.onnx", "head_onnx")
+            set_meta(w)
+    assert (out / "head.onnx").read_bytes() == b"v1"
+    assert siblings(out) == ["b"]
+
+
+def test_metadata_never_set(tmp_path: Path) -> None:
+    out = tmp_path / "b"
+    with pytest.raises(BundleError, match=r"\['model_config', 'preprocess'.*never set"):
+        with BundleWriter(out, required_roles=()) as w:
+            w.add_bytes(b"x", "x.bin", "x")
+    assert siblings(out) == []
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"parity": {"max_abs": float("nan")}}, "not strict JSON"),
+        ({"head": {"alpha": 0.3}}, "manifest key 'head.beta' is missing"),
+        ({"preprocess": "bicubic"}, "'preprocess' is 'bicubic'; valid: a JSON object"),
+    ],
+)
+def test_invalid_metadata_is_refused(tmp_path: Path, override: dict, message: str) -> None:
+    out = tmp_path / "b"
+    with pytest.raises(BundleError, match=message):
+        with BundleWriter(out, required_roles=()) as w:
+            set_meta(w, graphs={}, **override)
+    assert siblings(out) == []
+
+
+# -- bad inputs --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("../x.bin", "escapes the bundle"),
+        ("/abs.bin", "is absolute"),
+        ("manifest.json", "reserved"),
+    ],
+)
+def test_bad_file_name(tmp_path: Path, name: str, message: str) -> None:
+    with pytest.raises(BundleError, match=message):
+        with BundleWriter(tmp_path / "b") as w:
+            w.add_bytes(b"x", name, "x")
+    assert siblings(tmp_path / "b") == []
+
+
+def test_duplicate_name(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="'a.bin' is already used"):
+        with BundleWriter(tmp_path / "b") as w:
+            w.add_bytes(b"x", "a.bin", "x")
+            w.add_bytes(b"y", "a.bin", "y")
+
+
+def test_add_array_refuses_pickle_and_bad_name(tmp_path: Path) -> None:
+    with BundleWriter(tmp_path / "b", required_roles=()) as w:
+        with pytest.raises(BundleError, match="dtype object, which needs pickle"):
+            w.add_array(np.array([{"a": 1}], dtype=object), "t.npy", "table")
+        with pytest.raises(BundleError, match="must end in '.npy'"):
+            w.add_array(np.zeros(3), "t.bin", "table")
+        set_meta(w, graphs={})
+
+
+def test_add_missing_source_file(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="nope.onnx: it is not an existing file"):
+        with BundleWriter(tmp_path / "b") as w:
+            w.add_onnx(tmp_path / "nope.onnx", "vision_onnx")
+
+
+def test_companion_outside_model_directory(tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.onnx").write_bytes(b"m")
+    (tmp_path / "elsewhere.data").write_bytes(b"d")
+    with pytest.raises(BundleError, match="does not sit beside"):
+        with BundleWriter(tmp_path / "b") as w:
+            w.add_file(
+                tmp_path / "m" / "model.onnx",
+                "vision_onnx",
+                companions=[tmp_path / "elsewhere.data"],
+            )
+
+
+def test_writer_used_outside_with_block(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="is not open.*with BundleWriter"):
+        BundleWriter(tmp_path / "b").add_bytes(b"x", "x.bin", "x")
+
+
+def test_writer_module_does_not_import_torch() -> None:
+    code = "import cops_deploy.build.bundle_writer, sys; assert 'torch' not in sys.modules"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_missing_companion_file(tmp_path: Path) -> None:
+    src = tmp_path / "export"
+    make_onnx(src / "vision.onnx", external=True)
+    (src / "vision.onnx.data").unlink()
+    with pytest.raises(BundleError, match="companion file .*vision.onnx.data .* does not exist"):
+        with BundleWriter(tmp_path / "b") as w:
+            w.add_onnx(src / "vision.onnx", "vision_onnx")
+    assert siblings(tmp_path / "b") == ["export"]
+
+
+def test_unreadable_onnx_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\xff\xfe not a protobuf")
+    with pytest.raises(BundleError, match="cannot read ONNX file .*bad.onnx"):
+        onnx_external_data_files(bad)
