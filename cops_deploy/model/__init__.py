@@ -3,4 +3,11 @@
 from cops_deploy.model.cops import CopsIntermediates, CopsModel, CopsOutput
 from cops_deploy.model.factory import create_model, load_model, save_model
 
-__all__ = ["CopsIntermediates", "CopsModel", "CopsOutput", "create_model", "load_model", "save_model"]
+__all__ = [
+    "CopsIntermediates",
+    "CopsModel",
+    "CopsOutput",
+    "create_model",
+    "load_model",
+    "save_model",
+]

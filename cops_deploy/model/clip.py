@@ -147,14 +147,19 @@ class ClipModel(nn.Module):
 
     # OpenAI keys: transformer.*, token_embedding.*, positional_embedding, ln_final.*,
     # text_projection sit at the top level; map them onto the text tower.
-    _TEXT_KEYS = ("transformer.", "token_embedding.", "positional_embedding", "ln_final.",
-                  "text_projection")
+    _TEXT_KEYS = (
+        "transformer.",
+        "token_embedding.",
+        "positional_embedding",
+        "ln_final.",
+        "text_projection",
+    )
 
     def openai_state_dict(self) -> dict[str, torch.Tensor]:
         """This model's weights under OpenAI CLIP's key names."""
         out = {}
         for k, v in self.state_dict().items():
-            out[k[len("text."):] if k.startswith("text.") else k] = v
+            out[k[len("text.") :] if k.startswith("text.") else k] = v
         return out
 
     def load_openai_state_dict(self, sd: dict[str, torch.Tensor]) -> None:

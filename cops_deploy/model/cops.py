@@ -71,8 +71,10 @@ class PromptLearner(nn.Module):
         self.vae_encoder = VAEEncoder(c)
         self.vae_decoder = VAEDecoder(c)
         self.compound_prompts_text = nn.ParameterList(
-            [nn.Parameter(torch.randn(p.deep_token_length, c) * 0.02)
-             for _ in range(p.deep_token_count)]
+            [
+                nn.Parameter(torch.randn(p.deep_token_length, c) * 0.02)
+                for _ in range(p.deep_token_count)
+            ]
         )
         for module in (self.extractor, self.vae_encoder, self.vae_decoder):
             module.apply(_init_linear)
@@ -179,7 +181,10 @@ class CopsModel(nn.Module):
         k, m = p.context_tokens, p.state_tokens
         prefix, suffix = self.token_embeddings(self.text_length)
         channels = []
-        for ctx, proto in ((self.prompt.ctx_pos[0, 0], proto_a), (self.prompt.ctx_neg[0, 0], proto_n)):
+        for ctx, proto in (
+            (self.prompt.ctx_pos[0, 0], proto_a),
+            (self.prompt.ctx_neg[0, 0], proto_n),
+        ):
             context = ctx[:k].expand(b, r, k, w)  # (B, R, K, W)
             state = (ctx[k : k + m] + proto).unsqueeze(1).expand(b, r, m, w)  # (B, R, M, W)
             cls = ctx[k + m :].unsqueeze(0).unsqueeze(0) + bias.unsqueeze(2)  # (B, R, 2, W)

@@ -146,13 +146,19 @@ def save_model(model: CopsModel, out_dir: str | Path, include_clip: bool = True)
     if not include_clip:
         sd = {k: v for k, v in sd.items() if not k.startswith("clip.")}
     save_safetensors(sd, out / WEIGHTS_FILE, {"format": "cops-deploy", "version": __version__})
-    meta = {"model": model.cfg.to_dict(), "includes_clip": include_clip,
-            "provenance": getattr(model, "provenance", {}), "cops_deploy_version": __version__}
+    meta = {
+        "model": model.cfg.to_dict(),
+        "includes_clip": include_clip,
+        "provenance": getattr(model, "provenance", {}),
+        "cops_deploy_version": __version__,
+    }
     atomic_write_bytes(out / CONFIG_FILE, json.dumps(meta, indent=2).encode())
     return out
 
 
-def load_model(path: str | Path, clip_weights: str | Path | None = None, **overrides: Any) -> CopsModel:
+def load_model(
+    path: str | Path, clip_weights: str | Path | None = None, **overrides: Any
+) -> CopsModel:
     """A model saved by ``save_model``; ``clip_weights`` is needed when it was saved without."""
     cfg, _ = read_own_format(path)
     return create_model(cfg, clip_weights=clip_weights, cops_weights=path, **overrides)

@@ -28,7 +28,11 @@ class QuickGELU(nn.Module):
 def _mlp(width: int, hidden: int) -> nn.Sequential:
     return nn.Sequential(
         OrderedDict(
-            [("c_fc", nn.Linear(width, hidden)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(hidden, width))]
+            [
+                ("c_fc", nn.Linear(width, hidden)),
+                ("gelu", QuickGELU()),
+                ("c_proj", nn.Linear(hidden, width)),
+            ]
         )
     )
 

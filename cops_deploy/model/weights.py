@@ -72,7 +72,8 @@ def check_state_dict(
     if shapes:
         parts.append(f"mis-shaped keys: {_names(shapes)}")
     raise WeightsError(
-        f"{source} does not fit the model: " + "; ".join(parts)
+        f"{source} does not fit the model: "
+        + "; ".join(parts)
         + ". Check that the file matches the architecture (model name) you asked for."
     )
 
@@ -120,7 +121,11 @@ def read_openai_clip(path: str | Path) -> dict[str, torch.Tensor]:
             raise WeightsError(f"cannot read TorchScript archive {path}: {exc}") from exc
     else:
         obj = _torch_load(path)
-        if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        if (
+            isinstance(obj, Mapping)
+            and "state_dict" in obj
+            and isinstance(obj["state_dict"], Mapping)
+        ):
             obj = obj["state_dict"]
         if not isinstance(obj, Mapping):
             raise WeightsError(f"{path} holds a {type(obj).__name__}, not a CLIP state dict")

@@ -73,9 +73,7 @@ def test_golden_case(golden_model, index):
 def test_golden_needs_fp16_deep_tokens(golden_model):
     """The reference rounds deep tokens to fp16; without it the text features drift > 1e-5."""
     model, cases = golden_model
-    exact = create_model(
-        model.cfg.replace(**{"prompt.deep_token_fp16_round": False}), seed=None
-    )
+    exact = create_model(model.cfg.replace(**{"prompt.deep_token_fp16_round": False}), seed=None)
     exact.load_state_dict(model.state_dict())
     image = torch.from_numpy(cases["images"][:1])
     with torch.no_grad():

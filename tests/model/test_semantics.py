@@ -33,7 +33,9 @@ def _mha_heads(x, w, b, heads):
 
 def _merge(t, out_proj):
     bsz, heads, length, d = t.shape
-    return t.permute(0, 2, 1, 3).reshape(bsz, length, heads * d) @ out_proj.weight.t() + out_proj.bias
+    return (
+        t.permute(0, 2, 1, 3).reshape(bsz, length, heads * d) @ out_proj.weight.t() + out_proj.bias
+    )
 
 
 def reference_vvv_block(block, x, x_ori, heads):

@@ -15,8 +15,15 @@ from cops_deploy.model.weights import read_openai_clip
 
 REFERENCE_KEYS = (
     ["ctx_pos", "ctx_neg", "t_n", "t_a"]
-    + [f"extractor.attn.{k}" for k in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")]
-    + [f"extractor.{m}.{p}" for m in ("ln_1", "ln_2", "mlp.c_fc", "mlp.c_proj") for p in ("weight", "bias")]
+    + [
+        f"extractor.attn.{k}"
+        for k in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
+    ]
+    + [
+        f"extractor.{m}.{p}"
+        for m in ("ln_1", "ln_2", "mlp.c_fc", "mlp.c_proj")
+        for p in ("weight", "bias")
+    ]
     + [f"vae_decoder.net.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")]
     + [f"compound_prompts_text.{i}" for i in range(8)]
 )
@@ -42,7 +49,11 @@ def _same_outputs(a, b, images):
 
 
 def _reference_checkpoint(model) -> dict:
-    sd = {k: v.clone() for k, v in model.prompt.state_dict().items() if not k.startswith("vae_encoder")}
+    sd = {
+        k: v.clone()
+        for k, v in model.prompt.state_dict().items()
+        if not k.startswith("vae_encoder")
+    }
     return {"prompt_learner": sd}
 
 
@@ -53,8 +64,11 @@ def test_reference_checkpoint_has_exactly_the_reference_keys(source):
 def test_openai_state_dict_round_trip(source, images, tmp_path):
     clip = tmp_path / "clip.pt"
     sd = source.clip.openai_state_dict()
-    sd.update(input_resolution=torch.tensor(56), context_length=torch.tensor(77),
-              vocab_size=torch.tensor(49408))
+    sd.update(
+        input_resolution=torch.tensor(56),
+        context_length=torch.tensor(77),
+        vocab_size=torch.tensor(49408),
+    )
     torch.save(sd, clip)
     cops = tmp_path / "cops.pth"
     torch.save(_reference_checkpoint(source), cops)
@@ -126,8 +140,11 @@ def test_own_format_without_clip_keeps_class_samples(images, tmp_path):
 def test_own_format_refuses_other_architecture(source, tmp_path):
     out = save_model(source, tmp_path / "tiny")
     with pytest.raises(WeightsError, match="architecture"):
-        create_model("cops-tiny", cops_weights=out, **{"vision.layers": 3, "vision.v_vv_layers": 3,
-                                                     "vision.feature_layers": [3]})
+        create_model(
+            "cops-tiny",
+            cops_weights=out,
+            **{"vision.layers": 3, "vision.v_vv_layers": 3, "vision.feature_layers": [3]},
+        )
 
 
 def test_missing_extra_and_misshaped_keys_are_named(source, tmp_path):
@@ -212,8 +229,13 @@ def test_openai_tag_resolves_open_clip_file(monkeypatch, source, tmp_path):
 
     monkeypatch.setattr(pretrained, "download_pretrained", fake_download)
     cfg = create_model("cops-tiny").cfg
-    cfg = cfg.replace(clip_pretrained={"open_clip_model": "ViT-L-14-336", "open_clip_tag": "openai",
-                                       "openai_file": "ViT-L-14-336px.pt"})
+    cfg = cfg.replace(
+        clip_pretrained={
+            "open_clip_model": "ViT-L-14-336",
+            "open_clip_tag": "openai",
+            "openai_file": "ViT-L-14-336px.pt",
+        }
+    )
     model = create_model(cfg, clip_weights="openai")
     assert "ViT-L-14-336px.pt" in str(asked.get("url", "")) or asked.get("hf_hub")
     assert torch.equal(model.clip.visual.proj, source.clip.visual.proj)
