@@ -1,1 +1,22 @@
-"""cops_deploy.data."""
+"""cops_deploy.data: meta.json datasets, solvers for the 13 dataset layouts, synthetic defects.
+
+Torch-free (numpy and Pillow only).
+"""
+
+from cops_deploy.data.meta import Sample, iter_samples, load_meta, write_meta
+from cops_deploy.data.solvers import DATASETS, DatasetSpec, get_dataset, prepare_dataset
+from cops_deploy.data.synth import synthesize
+from cops_deploy.data.transforms import load_mask
+
+__all__ = [
+    "DATASETS",
+    "DatasetSpec",
+    "Sample",
+    "get_dataset",
+    "iter_samples",
+    "load_mask",
+    "load_meta",
+    "prepare_dataset",
+    "synthesize",
+    "write_meta",
+]

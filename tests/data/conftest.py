@@ -1,0 +1,10 @@
+"""Fixtures of the data tests; puts this folder on sys.path so tests can import fake_trees."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
