@@ -1,0 +1,413 @@
+"""The Detector API: open a bundle, pick a backend, predict scores and anomaly maps.
+
+``Detector.open(bundle)`` chooses TensorRT (installed, engines present, engine keys matching
+this machine), then ONNX Runtime (CUDA, then CPU), then PyTorch (the bundle's ``torch_model``
+weights), and says which (``backend_name``, ``provider``, ``skipped``). ``predict`` takes paths,
+PIL images, uint8/uint16 arrays or a mix, preprocesses them as the manifest says, runs the
+vision graph then the head graph in batches, and returns one :class:`Prediction` per image.
+
+Thread safety: one Detector may serve concurrent ``predict`` calls. Preprocessing is per call;
+ONNX Runtime sessions are shared (``InferenceSession.run`` is thread-safe, so calls run in
+parallel); the TensorRT and PyTorch backends serialise ``infer`` with a lock each. Do not call
+``close`` while a ``predict`` is running.
+
+Torch-free: torch is imported only when the PyTorch backend is chosen.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from cops_deploy.errors import BundleError, ConfigError, CopsError, ImageReadError
+from cops_deploy.runtime.backends import (
+    ANOMALY_MAP,
+    IMAGE,
+    PRED_SCORE,
+    ROLE_TORCH_MODEL,
+    TRT_INSTALL,
+    Backend,
+    OnnxRuntimeBackend,
+    TensorRTBackend,
+    TorchBackend,
+    check_graph_names,
+    engine_name,
+)
+from cops_deploy.runtime.bundle import Bundle, Manifest, open_bundle
+from cops_deploy.runtime.images import ImageSource, load_image, preprocess, resize_map
+
+__all__ = ["BACKENDS", "DEFAULT_MAX_BATCH", "Detector", "Prediction"]
+
+BACKENDS: tuple[str, ...] = ("tensorrt", "onnxruntime", "torch")  # auto tries them in order
+DEFAULT_MAX_BATCH = 8  # batch size when neither the caller nor the backend sets a limit
+_LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)  # arrays inside: compare fields explicitly
+class Prediction:
+    """The result for one image.
+
+    Attributes:
+        score: the image anomaly score (raw; the threshold is separate data).
+        anomaly_map: (S, S) float32 map at the model's input size.
+        anomaly_map_original: (H, W) float32 map at the image's size, when asked for.
+        source: the file path the image came from, None for in-memory images.
+        original_hw: (H, W) of the image after EXIF orientation.
+        threshold: the bundle's decision threshold, None when the bundle has none.
+    """
+
+    score: float
+    anomaly_map: np.ndarray = field(repr=False)
+    anomaly_map_original: np.ndarray | None = field(repr=False)
+    source: str | None
+    original_hw: tuple[int, int]
+    threshold: float | None = None
+
+    @property
+    def is_anomalous(self) -> bool | None:
+        """``score >= threshold``; None when the bundle sets no threshold."""
+        if self.threshold is None:
+            return None
+        return self.score >= self.threshold
+
+
+def _as_items(images: ImageSource | Sequence[ImageSource] | Iterable[ImageSource]) -> list[Any]:
+    """One image or many, as a list (a 4-D array is a batch of (H, W, C) images)."""
+    if isinstance(images, str | os.PathLike | Image.Image):
+        return [images]
+    if isinstance(images, np.ndarray):
+        return list(images) if images.ndim == 4 else [images]
+    if isinstance(images, bytes | bytearray | dict) or not isinstance(images, Iterable):
+        raise ImageReadError(
+            f"cannot predict on a {type(images).__name__}; valid: a path, a PIL image, a "
+            f"uint8/uint16 numpy array, or a list of those. Fix: pass one of those."
+        )
+    return list(images)
+
+
+def _check_batch_size(batch_size: int | None, limit: int | None) -> int | None:
+    if batch_size is None:
+        return None
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(
+            f"invalid batch_size={batch_size!r}; valid: None (the backend's maximum) or an "
+            f"integer >= 1. Fix: pass e.g. batch_size=4."
+        )
+    if limit is not None and batch_size > limit:
+        raise ConfigError(
+            f"batch_size={batch_size} exceeds the backend's maximum batch {limit}; valid: "
+            f"1..{limit}. Fix: pass batch_size<={limit} (or None)."
+        )
+    return batch_size
+
+
+class Detector:
+    """CoPS anomaly detection from a bundle; create it with :meth:`Detector.open`.
+
+    Attributes:
+        bundle: the opened bundle.
+        backend_name: 'tensorrt', 'onnxruntime' or 'torch'.
+        skipped: backend name -> why auto selection passed over it (empty for an explicit
+            backend).
+    """
+
+    def __init__(
+        self, bundle: Bundle, vision: Backend, head: Backend, skipped: dict[str, str]
+    ) -> None:
+        self.bundle = bundle
+        self.vision = vision
+        self.head = head
+        self.backend_name = vision.kind
+        self.skipped = dict(skipped)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # -- construction --------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        bundle: str | os.PathLike[str] | Bundle,
+        backend: str = "auto",
+        verify: bool = True,
+        threads: int | None = None,
+        verbose: bool = False,
+    ) -> Detector:
+        """Open ``bundle`` and activate its two graphs on ``backend``.
+
+        Args:
+            bundle: a bundle directory, or an already opened :class:`Bundle`.
+            backend: 'auto' (TensorRT, then ONNX Runtime, then torch), or one of those names.
+            verify: check every bundle file's sha256 (size and presence are always checked).
+            threads: intra-op threads for ONNX Runtime; None: one per core.
+            verbose: print the chosen backend (and why others were skipped) to stderr.
+
+        Raises:
+            ConfigError: ``backend`` is not a known name.
+            BundleError: the bundle is invalid; or the explicit backend does not fit it; or
+                (auto) no backend can run it (the message gives each backend's reason).
+            MissingDependencyError: the explicit backend's package is not installed.
+        """
+        if backend != "auto" and backend not in BACKENDS:
+            raise ConfigError(
+                f"unknown backend {backend!r}; valid: 'auto', {', '.join(map(repr, BACKENDS))}. "
+                f"Fix: pass one of those."
+            )
+        if not isinstance(bundle, Bundle):
+            bundle = open_bundle(bundle, verify=verify)
+        _check_bundle(bundle)
+        skipped: dict[str, str] = {}
+        if backend == "auto":
+            vision, head = _open_auto(bundle, threads, skipped)
+        else:
+            vision, head = _open_backends(bundle, backend, threads)
+        detector = cls(bundle, vision, head, skipped)
+        message = f"cops: {detector.describe()}"
+        _LOG.info(message)
+        if verbose:
+            print(message, file=sys.stderr)
+        return detector
+
+    # -- properties ----------------------------------------------------------------------------
+
+    @property
+    def manifest(self) -> Manifest:
+        """The bundle's manifest."""
+        return self.bundle.manifest
+
+    @property
+    def provider(self) -> str:
+        """What runs the graphs: an ONNX Runtime provider, a GPU name, or a torch device."""
+        return self.vision.provider
+
+    @property
+    def threshold(self) -> float | None:
+        """The bundle's decision threshold (None: the bundle sets none)."""
+        return self.manifest.threshold
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square model input (and of ``Prediction.anomaly_map``)."""
+        return self.manifest.preprocess.size
+
+    @property
+    def max_batch(self) -> int:
+        """The default batch size: the backends' limit, else :data:`DEFAULT_MAX_BATCH`."""
+        limits = [b.max_batch for b in (self.vision, self.head) if b.max_batch is not None]
+        return min(limits) if limits else DEFAULT_MAX_BATCH
+
+    @property
+    def last_inference_time(self) -> dict[str, float | None]:
+        """Seconds the latest call spent in each graph: {'vision': ..., 'head': ...}."""
+        return {"vision": self.vision.last_inference_time, "head": self.head.last_inference_time}
+
+    def describe(self) -> str:
+        """One line: the backend, its provider and why other backends were skipped."""
+        text = f"backend {self.backend_name} ({self.provider}) for bundle {self.bundle.root}"
+        if self.skipped:
+            text += "; skipped: " + "; ".join(f"{k}: {v}" for k, v in self.skipped.items())
+        return text
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return (
+            f"Detector(bundle={str(self.bundle.root)!r}, backend={self.backend_name!r}, "
+            f"provider={self.provider!r}, {state})"
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the backends; further ``predict`` calls raise. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            self.head.deactivate()
+        finally:
+            self.vision.deactivate()
+
+    def __enter__(self) -> Detector:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- prediction ----------------------------------------------------------------------------
+
+    def predict(
+        self,
+        images: ImageSource | Sequence[ImageSource],
+        original_size: bool = False,
+        batch_size: int | None = None,
+    ) -> list[Prediction]:
+        """Score one or many images; returns one Prediction per image, in input order.
+
+        Args:
+            images: a path, PIL image or uint8/uint16 array (any size; grey, RGB, RGBA), or a
+                list of them (mixed kinds allowed), or a 4-D (B, H, W, C) array.
+            original_size: also give each map at the image's own size (bilinear).
+            batch_size: images per graph call; None: :attr:`max_batch`.
+
+        Raises:
+            ImageReadError: an image cannot be read (the message gives its index and source).
+            ConfigError: ``batch_size`` is invalid.
+            CopsError: the detector is closed.
+        """
+        if self._closed:
+            raise CopsError(
+                f"Detector for {self.bundle.root} is closed. Fix: open a new one with "
+                f"Detector.open(...), and close it only after the last predict."
+            )
+        items = _as_items(images)
+        size = _check_batch_size(batch_size, self.max_batch) or self.max_batch
+        predictions: list[Prediction] = []
+        for start in range(0, len(items), size):
+            chunk = items[start : start + size]
+            predictions.extend(self._predict_chunk(chunk, start, len(items), original_size))
+        return predictions
+
+    def _load(self, chunk: list[Any], start: int, total: int) -> tuple[np.ndarray, list]:
+        """(B, 3, S, S) float32 batch and the (H, W) of each image."""
+        pre = self.manifest.preprocess
+        batch = np.empty((len(chunk), 3, pre.size, pre.size), dtype=np.float32)
+        sizes: list[tuple[int, int]] = []
+        for i, item in enumerate(chunk):
+            try:
+                rgb = load_image(item)
+            except ImageReadError as exc:
+                raise ImageReadError(f"image {start + i} of {total}: {exc}") from exc
+            sizes.append((int(rgb.shape[0]), int(rgb.shape[1])))
+            batch[i] = preprocess(rgb, pre.size, pre.mean, pre.std)
+        return batch, sizes
+
+    def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Vision graph, then head graph: scores (B,) and maps (B, S, S) as float32."""
+        embeddings = self.vision.infer({IMAGE: batch})
+        head_feed = {name: embeddings[name] for name in self.head.input_metadata}
+        out = self.head.infer(head_feed)
+        scores = np.asarray(out[PRED_SCORE], dtype=np.float32)
+        maps = np.asarray(out[ANOMALY_MAP], dtype=np.float32)
+        s, b = self.input_size, batch.shape[0]
+        if scores.shape != (b,) or maps.shape != (b, s, s):
+            raise BundleError(
+                f"bundle {self.bundle.root}: the head graph returned {PRED_SCORE} "
+                f"{scores.shape} and {ANOMALY_MAP} {maps.shape} for a batch of {b}; valid: "
+                f"({b},) and ({b}, {s}, {s}). Fix: re-export the bundle."
+            )
+        return scores, maps
+
+    def _predict_chunk(
+        self, chunk: list[Any], start: int, total: int, original_size: bool
+    ) -> list[Prediction]:
+        batch, sizes = self._load(chunk, start, total)
+        scores, maps = self._run(batch)
+        out = []
+        for item, score, amap, hw in zip(chunk, scores, maps, sizes, strict=True):
+            amap = amap.copy()  # (S, S), not a view that keeps the batch alive
+            source = str(item) if isinstance(item, str | os.PathLike) else None
+            out.append(
+                Prediction(
+                    score=float(score),
+                    anomaly_map=amap,
+                    anomaly_map_original=resize_map(amap, hw) if original_size else None,
+                    source=source,
+                    original_hw=hw,
+                    threshold=self.threshold,
+                )
+            )
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend selection
+
+
+def _check_bundle(bundle: Bundle) -> None:
+    """The bundle has both graphs with the contract's names, and a preprocessing we implement."""
+    check_graph_names(bundle, "vision")
+    check_graph_names(bundle, "head")
+    interp = bundle.manifest.preprocess.interpolation
+    if interp != "bicubic":
+        raise BundleError(
+            f"bundle {bundle.root}: preprocess.interpolation is {interp!r}; this runtime "
+            f"resizes with 'bicubic' only (CLIP's preprocessing). Fix: re-export the bundle "
+            f"with bicubic interpolation."
+        )
+
+
+def _open_backends(bundle: Bundle, kind: str, threads: int | None) -> tuple[Backend, Backend]:
+    """Create and activate the vision and head backends of ``kind`` (both, or neither)."""
+    if kind == "onnxruntime":
+        vision: Backend = OnnxRuntimeBackend(bundle, "vision", threads=threads)
+        vision.activate()
+        head: Backend = OnnxRuntimeBackend(bundle, "head", threads=threads)
+    elif kind == "tensorrt":
+        vision = TensorRTBackend(bundle, "vision")
+        vision.activate()
+        head = TensorRTBackend(bundle, "head")
+    else:
+        vision = TorchBackend(bundle, "vision")
+        vision.activate()
+        head = TorchBackend(bundle, "head", model=vision.model)
+    try:
+        head.activate()
+    except BaseException:
+        vision.deactivate()
+        raise
+    return vision, head
+
+
+def _precheck(bundle: Bundle, kind: str) -> str | None:
+    """Why ``kind`` cannot run here, found without importing it; None if worth trying."""
+    if kind == "tensorrt":
+        if importlib.util.find_spec("tensorrt") is None:
+            return f"tensorrt is not installed ({TRT_INSTALL})"
+        missing = [engine_name(g) for g in ("vision", "head")]
+        missing = [n for n in missing if n not in bundle.manifest.engines]
+        if missing:
+            return f"the bundle has no TensorRT engine(s) {missing}"
+    elif kind == "onnxruntime":
+        if importlib.util.find_spec("onnxruntime") is None:
+            return "onnxruntime is not installed (pip install onnxruntime)"
+    elif kind == "torch":
+        if not bundle.manifest.with_role(ROLE_TORCH_MODEL):
+            return f"the bundle has no PyTorch weights (role {ROLE_TORCH_MODEL!r})"
+        if importlib.util.find_spec("torch") is None:
+            return "torch is not installed (pip install torch)"
+    return None
+
+
+def _open_auto(
+    bundle: Bundle, threads: int | None, skipped: dict[str, str]
+) -> tuple[Backend, Backend]:
+    """The first backend of :data:`BACKENDS` that opens; records why the others did not."""
+    for kind in BACKENDS:
+        reason = _precheck(bundle, kind)
+        if reason is None:
+            try:
+                return _open_backends(bundle, kind, threads)
+            except CopsError as exc:  # a typed refusal (engine key, missing package, ...)
+                reason = str(exc)
+        skipped[kind] = reason
+    reasons = "; ".join(f"{k}: {v}" for k, v in skipped.items())
+    raise BundleError(
+        f"no backend can run bundle {bundle.root}: {reasons}. Fix: pip install onnxruntime "
+        f"(the portable backend), or {TRT_INSTALL} on an NVIDIA machine."
+    )

@@ -1,0 +1,111 @@
+"""``cops predict --bundle``: scores and PNGs written, bad files named and skipped, no overwrite."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
+import cops_tiny_bundle  # noqa: E402
+
+from cops_deploy.cli.predict_bundle import predict_with_bundle  # noqa: E402
+from cops_deploy.errors import BundleError, ConfigError, CopsError, ImageReadError  # noqa: E402
+from cops_deploy.runtime.detector import Detector  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    graphs = cops_tiny_bundle.export_tiny_graphs(
+        tmp_path_factory.getbasetemp() / "cops_tiny_graphs"
+    )
+    root = tmp_path_factory.mktemp("cli") / "bundle"
+    return cops_tiny_bundle.write_tiny_bundle(root, graphs, torch_weights=False, threshold=0.5)
+
+
+@pytest.fixture
+def inputs(tmp_path: Path) -> Path:
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    rgbs = cops_tiny_bundle.rng_images(3, seed=1)
+    Image.fromarray(rgbs[0]).save(folder / "a.png")
+    Image.fromarray(rgbs[1][..., 0]).save(folder / "b.jpg")
+    Image.fromarray(rgbs[2]).save(folder / "sub" / "a.png")  # same stem as a.png
+    return folder
+
+
+def args(inputs: list[Path], bundle: Path, out: Path, **extra: object) -> argparse.Namespace:
+    values = {"force": False, "backend": "auto", "batch_size": None, **extra}
+    return argparse.Namespace(inputs=[str(p) for p in inputs], bundle=bundle, out=out, **values)
+
+
+def test_scores_and_pngs(inputs: Path, bundle_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    assert predict_with_bundle(args([inputs], bundle_dir, out)) == 0
+    report = json.loads((out / "scores.json").read_text())
+    assert report["backend"] == "onnxruntime" and report["threshold"] == 0.5
+    assert report["failures"] == []
+    sources = [r["source"] for r in report["results"]]
+    assert sources == [str(inputs / "a.png"), str(inputs / "b.jpg"), str(inputs / "sub" / "a.png")]
+    pngs = [r["visual"] for r in report["results"]]
+    assert len(set(pngs)) == 3  # two files named a.png do not collide
+    for png in pngs:
+        with Image.open(out / png) as im:
+            assert im.format == "PNG" and im.height > 98
+    with Detector.open(bundle_dir) as d:
+        expected = [p.score for p in d.predict(sources)]
+    np.testing.assert_allclose([r["score"] for r in report["results"]], expected, atol=1e-6)
+    assert "backend onnxruntime" in capsys.readouterr().err
+
+
+def test_unreadable_files_are_named_and_skipped(
+    inputs: Path, bundle_dir: Path, tmp_path: Path, capsys
+) -> None:
+    (inputs / "broken.png").write_bytes((inputs / "a.png").read_bytes()[:100])
+    (inputs / "empty.jpg").write_bytes(b"")
+    out = tmp_path / "out"
+    assert predict_with_bundle(args([inputs], bundle_dir, out, batch_size=2)) == 1
+    report = json.loads((out / "scores.json").read_text())
+    failed = sorted(Path(f["source"]).name for f in report["failures"])
+    assert failed == ["broken.png", "empty.jpg"]
+    assert len(report["results"]) == 3
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "empty.jpg" in err
+
+
+def test_non_empty_out_needs_force(inputs: Path, bundle_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("keep")
+    with pytest.raises(CopsError, match="already holds results.*--force"):
+        predict_with_bundle(args([inputs / "a.png"], bundle_dir, out))
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    assert predict_with_bundle(args([inputs / "a.png"], bundle_dir, out, force=True)) == 0
+    assert (out / "scores.json").is_file()
+
+
+def test_missing_input_fails_before_the_bundle_loads(bundle_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ImageReadError, match="does not exist"):
+        predict_with_bundle(args([tmp_path / "nope"], tmp_path / "no-bundle", tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_bundle_and_batch_size(inputs: Path, bundle_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="does not exist or is not a directory"):
+        predict_with_bundle(args([inputs], tmp_path / "no-bundle", tmp_path / "o1"))
+    with pytest.raises(ConfigError, match="--batch-size 99 exceeds"):
+        predict_with_bundle(args([inputs], bundle_dir, tmp_path / "o2", batch_size=99))
+
+
+def test_through_the_cops_command(inputs: Path, bundle_dir: Path, tmp_path: Path) -> None:
+    main = pytest.importorskip("cops_deploy.cli.main").main
+    out = tmp_path / "out"
+    argv = ["predict", str(inputs), "--bundle", str(bundle_dir), "--out", str(out)]
+    assert main([*argv, "--backend", "onnxruntime"]) == 0
+    assert len(json.loads((out / "scores.json").read_text())["results"]) == 3
+    assert main(argv) == 2  # --out now holds results and --force is missing

@@ -1,0 +1,539 @@
+"""Backends: the shared runner contract, ONNX Runtime, TensorRT (key checks; GPU tests marked
+``trt``) and the PyTorch backend; one test per refusal."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from cops_tiny_bundle import rng_images
+
+from cops_deploy.errors import BundleError, ConfigError, CopsError, MissingDependencyError
+from cops_deploy.runtime import backends
+from cops_deploy.runtime.backends import (
+    Backend,
+    OnnxRuntimeBackend,
+    TensorRTBackend,
+    TorchBackend,
+    default_ort_providers,
+    expected_engine_key,
+)
+from cops_deploy.runtime.bundle import Bundle, TensorSpec, open_bundle
+from cops_deploy.runtime.images import preprocess
+
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+NO_TRT = "TensorRT is not installed here (needs an NVIDIA GPU and pip install 'cops-deploy[trt]')"
+MACHINE = {"tensorrt_version": "10.13.0", "gpu_name": "NVIDIA H200", "compute_capability": "9.0"}
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_bundle: Path) -> Bundle:
+    return open_bundle(tiny_bundle)
+
+
+@pytest.fixture(scope="module")
+def images(bundle: Bundle) -> np.ndarray:
+    size = bundle.manifest.preprocess.size
+    return np.stack([preprocess(rgb, size) for rgb in rng_images(3)])  # (3, 3, S, S)
+
+
+@pytest.fixture(scope="module")
+def ort_outputs(bundle: Bundle, images: np.ndarray) -> dict[str, np.ndarray]:
+    with OnnxRuntimeBackend(bundle, "vision") as vision, OnnxRuntimeBackend(bundle, "head") as head:
+        emb = vision.infer({"image": images})
+        return {**emb, **head.infer(emb)}
+
+
+# ----------------------------------------------------------------------------------------------
+# ONNX Runtime and the contract
+
+
+def test_onnxruntime_contract(bundle: Bundle, images: np.ndarray) -> None:
+    backend = OnnxRuntimeBackend(bundle, "vision", threads=1)
+    assert not backend.is_active and backend.last_inference_time is None
+    with backend as active:
+        assert active is backend and backend.is_active
+        assert backend.provider == "CPUExecutionProvider"
+        meta = backend.input_metadata
+        assert list(meta) == ["image"] and meta["image"].dtype == "float32"
+        assert meta["image"].shape == ("batch", 3, 98, 98)
+        out = backend.infer({"image": images})
+        assert list(out) == ["image_embedding", "patch_embedding"] == list(backend.output_names)
+        assert out["image_embedding"].shape == (3, 96)
+        assert out["patch_embedding"].shape == (3, 49, 96)
+        assert backend.last_inference_time is not None and backend.last_inference_time > 0
+    assert not backend.is_active
+    backend.deactivate()  # idempotent
+
+
+def test_infer_before_activate_is_refused(bundle: Bundle, images: np.ndarray) -> None:
+    with pytest.raises(CopsError, match="not active"):
+        OnnxRuntimeBackend(bundle, "vision").infer({"image": images})
+
+
+def test_activate_twice_is_refused(bundle: Bundle) -> None:
+    with OnnxRuntimeBackend(bundle, "head") as backend, pytest.raises(CopsError, match="already"):
+        backend.activate()
+
+
+def test_unknown_graph_is_refused(bundle: Bundle) -> None:
+    with pytest.raises(BundleError, match="no graph 'text'.*'head', 'vision'"):
+        OnnxRuntimeBackend(bundle, "text")
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, True, "2"])
+def test_invalid_threads_are_refused(bundle: Bundle, threads: object) -> None:
+    with pytest.raises(ConfigError, match="threads"):
+        OnnxRuntimeBackend(bundle, "vision", threads=threads)  # type: ignore[arg-type]
+
+
+def test_unavailable_provider_is_refused(bundle: Bundle) -> None:
+    backend = OnnxRuntimeBackend(bundle, "vision", providers=["NoSuchExecutionProvider"])
+    with pytest.raises(ConfigError, match="NoSuchExecutionProvider.*available"):
+        backend.activate()
+    assert not backend.is_active
+
+
+def test_default_providers_prefer_cuda() -> None:
+    assert default_ort_providers(["CUDAExecutionProvider", "CPUExecutionProvider"]) == [
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    ]
+    assert default_ort_providers(["AzureExecutionProvider", "CPUExecutionProvider"]) == [
+        "CPUExecutionProvider"
+    ]
+
+
+def _head_feed(batch: int = 2) -> dict[str, np.ndarray]:
+    return {
+        "image_embedding": np.zeros((batch, 96), np.float32),
+        "patch_embedding": np.zeros((batch, 49, 96), np.float32),
+    }
+
+
+BAD_FEEDS = {
+    "not a mapping": ([np.zeros((2, 96), np.float32)], "a dict of input name"),
+    "missing input": ({"image_embedding": np.zeros((2, 96), np.float32)}, "missing input"),
+    "unexpected input": ({**_head_feed(), "extra": np.zeros(1)}, "unexpected input.*'extra'"),
+    "list, not array": (
+        {**_head_feed(), "image_embedding": [[0.0] * 96] * 2},
+        "is a list; valid: a numpy array",
+    ),
+    "float64": (
+        {**_head_feed(), "image_embedding": np.zeros((2, 96))},
+        "dtype float64; valid: image_embedding float32",
+    ),
+    "rank": (
+        {**_head_feed(), "image_embedding": np.zeros(96, np.float32)},
+        "rank 1.*valid: rank 2",
+    ),
+    "fixed dim": (
+        {**_head_feed(), "patch_embedding": np.zeros((2, 50, 96), np.float32)},
+        "axis 1 is 50, valid: 49",
+    ),
+    "batch mismatch": (
+        {**_head_feed(2), "patch_embedding": np.zeros((3, 49, 96), np.float32)},
+        "'batch' = 3.*'batch' = 2",
+    ),
+    "empty batch": (_head_feed(0), "axis 0 .* is 0; valid: >= 1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FEEDS))
+def test_bad_feed_is_refused(bundle: Bundle, case: str) -> None:
+    feed, message = BAD_FEEDS[case]
+    with OnnxRuntimeBackend(bundle, "head") as backend, pytest.raises(ConfigError, match=message):
+        backend.infer(feed)  # type: ignore[arg-type]
+
+
+def test_unreadable_graph_is_refused(make_bundle, tmp_path: Path) -> None:
+    root = make_bundle(torch_weights=False)
+    (root / "vision.onnx").write_bytes(b"\0" * (root / "vision.onnx").stat().st_size)
+    backend = OnnxRuntimeBackend(open_bundle(root, verify=False), "vision")
+    with pytest.raises(BundleError, match="ONNX Runtime cannot load graph 'vision'"):
+        backend.activate()
+
+
+def test_manifest_and_graph_names_must_agree(bundle: Bundle) -> None:
+    vision = bundle.manifest.graphs["vision"]
+    renamed = dataclasses.replace(
+        vision, inputs=(TensorSpec("pixels", "float32", ("batch", 3, 98, 98)),)
+    )
+    manifest = dataclasses.replace(
+        bundle.manifest, graphs={**bundle.manifest.graphs, "vision": renamed}
+    )
+    broken = dataclasses.replace(bundle, manifest=manifest)
+    with pytest.raises(BundleError, match="file and manifest disagree"):
+        OnnxRuntimeBackend(broken, "vision").activate()
+
+
+# ----------------------------------------------------------------------------------------------
+# The base class: locking, timing, outputs
+
+
+class _SlowBackend(Backend):
+    """Records whether two _infer calls ever overlapped."""
+
+    kind = "slow"
+
+    def __init__(self, thread_safe: bool, outputs: tuple[str, ...] = ("y",)) -> None:
+        super().__init__(
+            "slow",
+            [TensorSpec("x", "float32", ("batch", 2))],
+            [TensorSpec(n, "float32", ("batch",)) for n in outputs],
+        )
+        self.thread_safe = thread_safe  # type: ignore[misc]
+        self.inside = 0
+        self.overlapped = False
+
+    def _activate(self) -> None: ...
+
+    def _deactivate(self) -> None: ...
+
+    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.inside += 1
+        self.overlapped |= self.inside > 1
+        time.sleep(0.02)
+        self.inside -= 1
+        return {"y": feed["x"].sum(axis=1)}
+
+
+@pytest.mark.parametrize("thread_safe", [False, True])
+def test_base_class_serialises_unsafe_backends(thread_safe: bool) -> None:
+    backend = _SlowBackend(thread_safe)
+    feed = {"x": np.ones((2, 2), np.float32)}
+    with backend:
+        threads = [threading.Thread(target=backend.infer, args=(feed,)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert backend.overlapped is thread_safe
+    assert backend.last_inference_time is not None and backend.last_inference_time >= 0.02
+
+
+def test_missing_output_is_reported() -> None:
+    with _SlowBackend(False, outputs=("y", "z")) as backend:
+        with pytest.raises(BundleError, match=r"did not return output\(s\) \['z'\]"):
+            backend.infer({"x": np.ones((1, 2), np.float32)})
+
+
+# ----------------------------------------------------------------------------------------------
+# TensorRT: engine keys (CPU), and the real engine (trt marker)
+
+
+@pytest.fixture(scope="module")
+def engine_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_graphs: Path) -> Bundle:
+    from cops_tiny_bundle import write_tiny_bundle
+
+    root = tmp_path_factory.mktemp("engines") / "bundle"
+    return open_bundle(write_tiny_bundle(root, tiny_graphs, torch_weights=False, engines=True))
+
+
+def test_engine_key_matching_machine_is_accepted(engine_bundle: Bundle) -> None:
+    key = expected_engine_key(engine_bundle, "vision", MACHINE)
+    assert (
+        engine_bundle.check_engine_key(key, "vision.engine") == engine_bundle.root / "vision.engine"
+    )
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("gpu_name", "NVIDIA A100-SXM4-80GB"),
+        ("tensorrt_version", "10.3.0"),
+        ("compute_capability", "8.0"),
+    ],
+)
+def test_engine_key_mismatch_names_the_field(engine_bundle: Bundle, field: str, value: str) -> None:
+    key = expected_engine_key(engine_bundle, "head", {**MACHINE, field: value})
+    with pytest.raises(BundleError, match=f"built for {field}=.*here {field}='{value}'"):
+        engine_bundle.check_engine_key(key, "head.engine")
+
+
+def test_engine_from_another_export_is_refused(make_bundle) -> None:
+    root = make_bundle(torch_weights=False, engines=True, engine_changes={"onnx_sha256": "c" * 64})
+    bundle = open_bundle(root)
+    key = expected_engine_key(bundle, "vision", MACHINE)
+    with pytest.raises(BundleError, match="onnx_sha256='c{64}'"):
+        bundle.check_engine_key(key, "vision.engine")
+
+
+def test_bundle_without_engines_is_refused(bundle: Bundle) -> None:
+    with pytest.raises(BundleError, match="no TensorRT engine for graph 'vision'.*onnxruntime"):
+        expected_engine_key(bundle, "vision", MACHINE)
+
+
+@pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed: the missing-package path cannot run")
+def test_missing_tensorrt_gives_install_command(engine_bundle: Bundle) -> None:
+    backend = TensorRTBackend(engine_bundle, "vision")
+    with pytest.raises(MissingDependencyError, match=r"pip install 'cops-deploy\[trt\]'"):
+        backend.activate()
+    assert not backend.is_active
+
+
+@pytest.mark.trt
+@pytest.mark.skipif(not HAS_TRT, reason=NO_TRT)
+def test_tensorrt_matches_onnxruntime(
+    tmp_path: Path, tiny_graphs: Path, images: np.ndarray, ort_outputs: dict[str, np.ndarray]
+) -> None:
+    from cops_tiny_bundle import write_tiny_bundle
+
+    bundle = open_bundle(_bundle_with_real_engines(tmp_path, tiny_graphs, write_tiny_bundle))
+    with TensorRTBackend(bundle, "vision") as vision, TensorRTBackend(bundle, "head") as head:
+        assert vision.max_batch == 4
+        emb = vision.infer({"image": images})
+        out = {**emb, **head.infer(emb)}
+        assert head.provider == backends.tensorrt_machine_fields()["gpu_name"]
+    for name, ref in ort_outputs.items():
+        np.testing.assert_allclose(out[name], ref, atol=1e-3, err_msg=name)
+
+
+def _bundle_with_real_engines(tmp_path: Path, graphs: Path, write) -> Path:
+    """Build fp32 engines (batch 1..4) from the tiny graphs and write a bundle listing them."""
+    import tensorrt as trt
+
+    from cops_deploy.build.bundle_writer import BundleWriter
+    from cops_deploy.runtime.bundle import EngineKey, sha256_file
+
+    machine = backends.tensorrt_machine_fields()
+    logger = trt.Logger(trt.Logger.WARNING)
+    base = open_bundle(write(tmp_path / "base", graphs, torch_weights=False))
+    with BundleWriter(tmp_path / "bundle") as writer:
+        for graph in ("vision", "head"):
+            onnx_path = graphs / f"{graph}.onnx"
+            builder = trt.Builder(logger)
+            flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+            network = builder.create_network(flags)
+            parser = trt.OnnxParser(network, logger)
+            assert parser.parse_from_file(str(onnx_path)), parser.get_error(0)
+            config = builder.create_builder_config()
+            profile = builder.create_optimization_profile()
+            for spec in base.manifest.graphs[graph].inputs:
+                rest = tuple(spec.shape[1:])
+                profile.set_shape(spec.name, (1, *rest), (2, *rest), (4, *rest))
+            config.add_optimization_profile(profile)
+            engine = builder.build_serialized_network(network, config)
+            path = tmp_path / f"{graph}.engine"
+            path.write_bytes(bytes(engine))
+            writer.add_onnx(onnx_path, role=f"{graph}_onnx")
+            key = EngineKey(sha256_file(onnx_path), precision="fp32", profile="b1-2-4", **machine)
+            writer.add_engine(path, key, f"{graph}.engine")
+        m = base.manifest
+        writer.set_metadata(
+            model_config=m.model_config,
+            preprocess=m.preprocess,
+            head=m.head,
+            graphs=m.graphs,
+            provenance=m.provenance,
+        )
+    return tmp_path / "bundle"
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch
+
+
+def test_torch_backend_matches_onnxruntime(
+    bundle: Bundle, images: np.ndarray, ort_outputs: dict[str, np.ndarray]
+) -> None:
+    with TorchBackend(bundle, "vision") as vision:
+        emb = vision.infer({"image": images})
+        with TorchBackend(bundle, "head", model=vision.model) as head:
+            out = {**emb, **head.infer(emb)}
+            assert head.provider == "cpu" and head.model is vision.model
+        assert vision.model is not None  # a shared model stays with its owner
+    assert vision.model is None
+    for name, ref in ort_outputs.items():
+        np.testing.assert_allclose(out[name], ref, atol=1e-5, err_msg=name)
+
+
+def test_torch_backend_needs_weights_in_the_bundle(make_bundle) -> None:
+    backend = TorchBackend(open_bundle(make_bundle(torch_weights=False)), "vision")
+    with pytest.raises(BundleError, match="no PyTorch weights.*role 'torch_model'.*onnxruntime"):
+        backend.activate()
+
+
+def test_torch_backend_refuses_unknown_graph(bundle: Bundle) -> None:
+    with pytest.raises(ConfigError, match="'vision' or 'head'"):
+        TorchBackend(bundle, "text")
+
+
+# ----------------------------------------------------------------------------------------------
+# TensorRTBackend's control flow on CPU: fake tensorrt and cuda-python modules whose "engine"
+# runs the graph with ONNX Runtime and whose "device memory" is host memory.
+
+
+class _FakeCudart:
+    """The cuda-python runtime calls TensorRTBackend makes, on host memory."""
+
+    class cudaError_t:  # cuda-python's names
+        cudaSuccess = 0
+
+    class cudaMemcpyKind:
+        cudaMemcpyHostToDevice = 1
+        cudaMemcpyDeviceToHost = 2
+
+    def __init__(self) -> None:
+        self.memory: dict[int, np.ndarray] = {}
+        self.copies: list[int] = []
+
+    def cudaGetDeviceProperties(self, device: int):
+        props = type("Props", (), {"name": b"NVIDIA H200\x00\x00", "major": 9, "minor": 0})
+        return 0, props
+
+    def cudaGetErrorString(self, err: int):
+        return 0, b"fake error"
+
+    def cudaSetDevice(self, device: int):
+        return (0,)
+
+    def cudaStreamCreate(self):
+        return 0, 7
+
+    def cudaStreamDestroy(self, stream: int):
+        return (0,)
+
+    def cudaStreamSynchronize(self, stream: int):
+        return (0,)
+
+    def cudaMalloc(self, nbytes: int):
+        buf = np.zeros(nbytes, np.uint8)
+        self.memory[buf.ctypes.data] = buf
+        return 0, buf.ctypes.data
+
+    def cudaFree(self, ptr: int):
+        del self.memory[ptr]
+        return (0,)
+
+    def cudaMemcpyAsync(self, dst: int, src: int, count: int, kind: int, stream: int):
+        import ctypes
+
+        ctypes.memmove(dst, src, count)
+        self.copies.append(kind)
+        return (0,)
+
+
+def _fake_tensorrt(cudart: _FakeCudart, graphs: Path) -> Any:
+    import ctypes
+    import types
+
+    import onnxruntime as ort
+
+    class Engine:
+        def __init__(self, graph: str) -> None:
+            self.session = ort.InferenceSession(str(graphs / f"{graph}.onnx"))
+            self.inputs = [i.name for i in self.session.get_inputs()]
+            self.names = self.inputs + [o.name for o in self.session.get_outputs()]
+            self.num_io_tensors = len(self.names)
+            self.shapes = {i.name: i.shape for i in self.session.get_inputs()}
+
+        def get_tensor_name(self, i: int) -> str:
+            return self.names[i]
+
+        def get_tensor_mode(self, name: str) -> str:
+            return "input" if name in self.inputs else "output"
+
+        def get_tensor_profile_shape(self, name: str, profile: int):
+            rest = self.shapes[name][1:]
+            return [(1, *rest), (2, *rest), (4, *rest)]
+
+        def get_tensor_dtype(self, name: str) -> str:
+            return "float"
+
+        def create_execution_context(self) -> Context:
+            return Context(self)
+
+    class Context:
+        def __init__(self, engine: Engine) -> None:
+            self.engine, self.shapes, self.addresses, self.results = engine, {}, {}, None
+
+        def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+            self.shapes[name], self.results = tuple(shape), None
+            return True
+
+        def set_tensor_address(self, name: str, ptr: int) -> None:
+            self.addresses[name] = ptr
+
+        def _run(self) -> dict[str, np.ndarray]:
+            if self.results is None:
+                feed = {}
+                for name in self.engine.inputs:
+                    count = int(np.prod(self.shapes[name]))
+                    raw = (ctypes.c_float * count).from_address(self.addresses[name])
+                    feed[name] = np.ctypeslib.as_array(raw).reshape(self.shapes[name]).copy()
+                outs = self.engine.session.run(None, feed)
+                self.results = dict(zip(self.engine.names[len(feed) :], outs, strict=True))
+            return self.results
+
+        def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+            return self._run()[name].shape
+
+        def execute_async_v3(self, stream: int) -> bool:
+            for name, value in self._run().items():
+                ctypes.memmove(self.addresses[name], value.ctypes.data, value.nbytes)
+            return True
+
+    class Runtime:
+        def __init__(self, logger: object) -> None: ...
+
+        def deserialize_cuda_engine(self, data: bytes) -> Engine:
+            return Engine(data.decode().strip())  # the fake engine file holds its graph name
+
+    return types.SimpleNamespace(
+        __version__="10.13.0",
+        Logger=type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None}),
+        Runtime=Runtime,
+        TensorIOMode=types.SimpleNamespace(INPUT="input"),
+        nptype=lambda dtype: np.float32,
+    )
+
+
+def test_tensorrt_backend_control_flow_with_fakes(
+    monkeypatch, tmp_path: Path, tiny_graphs: Path, images, ort_outputs
+) -> None:
+    from cops_tiny_bundle import write_tiny_bundle
+
+    root = write_tiny_bundle(tmp_path / "b", tiny_graphs, torch_weights=False, engines=True)
+    for graph in ("vision", "head"):  # the fake engine's bytes name its graph
+        (root / f"{graph}.engine").write_bytes(graph.encode().ljust(17))
+    bundle = open_bundle(root, verify=False)
+    cudart = _FakeCudart()
+    fake = _fake_tensorrt(cudart, tiny_graphs)
+    monkeypatch.setattr(backends, "_import_tensorrt", lambda: (fake, cudart))
+    with TensorRTBackend(bundle, "vision") as vision, TensorRTBackend(bundle, "head") as head:
+        assert vision.provider == "NVIDIA H200" and vision.max_batch == 4
+        emb = vision.infer({"image": images})
+        out = {**emb, **head.infer(emb)}
+        out2 = head.infer(vision.infer({"image": images[:1]}))  # buffers reused
+        with pytest.raises(ConfigError, match=r"profile accepts \(1, 3, 98, 98\) \.\. \(4,"):
+            vision.infer({"image": np.zeros((5, 3, 98, 98), np.float32)})
+    assert cudart.memory == {}  # every buffer freed on deactivate
+    for name, ref in ort_outputs.items():
+        np.testing.assert_allclose(out[name], ref, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(out2["anomaly_map"], ort_outputs["anomaly_map"][:1], atol=1e-6)
+
+
+def test_old_tensorrt_is_refused(monkeypatch) -> None:
+    import types
+
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="8.6.1"))
+    with pytest.raises(MissingDependencyError, match=r"tensorrt >= 10.*installed: 8\.6\.1"):
+        backends._import_tensorrt()
+
+
+def test_missing_cuda_python_is_refused(monkeypatch) -> None:
+    import types
+
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.13.0"))
+    monkeypatch.setitem(sys.modules, "cuda", None)
+    monkeypatch.setitem(sys.modules, "cuda.bindings", None)
+    with pytest.raises(MissingDependencyError, match=r"cuda-python.*cops-deploy\[trt\]"):
+        backends._import_tensorrt()
