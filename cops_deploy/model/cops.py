@@ -213,13 +213,25 @@ class CopsModel(nn.Module):
 
         ``z`` (R, E) or (B, R, E) overrides the ICTS samples (e.g. to replay the reference).
         """
-        cfg, head = self.cfg, self.cfg.head
         g, patches = self.encode_image(images)
+        return self.head_intermediates(g, patches, images.shape[-1], z)
+
+    def head_intermediates(
+        self,
+        image_embedding: torch.Tensor,
+        patch_embedding: torch.Tensor,
+        size: int,
+        z: torch.Tensor | None = None,
+    ) -> CopsIntermediates:
+        """Everything after the image tower: (g (B, E), P (B, N, E)) -> all intermediates,
+        with the anomaly map at ``size`` x ``size``."""
+        head = self.cfg.head
+        g, patches = image_embedding, patch_embedding
         patches_avg = neighbour_average(patches, head.neighbour_kernel)  # (B, N, E)
         proto_n, proto_a = self.prototypes(patches_avg)
         d_n = cosine_distance_min(patches_avg, proto_n)  # (B, N)
         d_a = cosine_distance_min(patches_avg, proto_a)
-        bias = self.class_bias(images.shape[0], z)
+        bias = self.class_bias(g.shape[0], z)
         text = self.text_features(proto_n, proto_a, bias)  # (B, 2, E)
         patch_logits = normalize(patches_avg) @ text.transpose(1, 2) / head.tau  # (B, N, 2)
         probs = patch_logits.softmax(dim=-1)
@@ -227,9 +239,7 @@ class CopsModel(nn.Module):
         image_logits = (normalize(g).unsqueeze(1) @ text.transpose(1, 2)).squeeze(1) / head.tau
         image_prob = image_logits.softmax(dim=-1)[:, 1]
         score = head.beta * image_prob + (1.0 - head.beta) * probs_w[..., 1].amax(dim=-1)
-        size = images.shape[-1]
         amap = gaussian_blur(upsample_nearest(probs_w[..., 1], size), head.sigma, head.truncate)
-        del cfg
         return CopsIntermediates(
             image_embedding=g,
             patch_embedding=patches,
@@ -246,6 +256,13 @@ class CopsModel(nn.Module):
             anomaly_map=amap,
             pred_score=score,
         )
+
+    def forward_head(
+        self, image_embedding: torch.Tensor, patch_embedding: torch.Tensor, size: int
+    ) -> CopsOutput:
+        """(g, P) -> (pred_score, anomaly_map): the model after its image tower."""
+        out = self.head_intermediates(image_embedding, patch_embedding, size)
+        return CopsOutput(out.pred_score, out.anomaly_map)
 
     def forward(self, images: torch.Tensor) -> CopsOutput:
         """(B, 3, S, S) normalised images -> (pred_score (B,), anomaly_map (B, S, S))."""

@@ -741,30 +741,8 @@ def load_torch_model(bundle: Bundle, device: str = "cpu") -> Any:
 
 
 def _torch_head(model: Any, image_embedding: Any, patch_embedding: Any, size: int) -> Any:
-    """CopsModel.forward_intermediates after ``encode_image``: (pred_score, anomaly_map)."""
-    from cops_deploy.model.head import (
-        cosine_distance_min,
-        gaussian_blur,
-        neighbour_average,
-        normalize,
-        saga_weight,
-        upsample_nearest,
-    )
-
-    head = model.cfg.head
-    patches_avg = neighbour_average(patch_embedding, head.neighbour_kernel)  # (B, N, E)
-    proto_n, proto_a = model.prototypes(patches_avg)  # (B, P, E) each
-    d_n = cosine_distance_min(patches_avg, proto_n)  # (B, N)
-    d_a = cosine_distance_min(patches_avg, proto_a)
-    bias = model.class_bias(image_embedding.shape[0])  # (B, R, E)
-    text = model.text_features(proto_n, proto_a, bias)  # (B, 2, E)
-    probs = (normalize(patches_avg) @ text.transpose(1, 2) / head.tau).softmax(dim=-1)
-    probs_w = probs * saga_weight(d_n, d_a, head.alpha).unsqueeze(-1)  # (B, N, 2)
-    g = normalize(image_embedding).unsqueeze(1)  # (B, 1, E)
-    image_prob = ((g @ text.transpose(1, 2)).squeeze(1) / head.tau).softmax(dim=-1)[:, 1]
-    score = head.beta * image_prob + (1.0 - head.beta) * probs_w[..., 1].amax(dim=-1)
-    amap = gaussian_blur(upsample_nearest(probs_w[..., 1], size), head.sigma, head.truncate)
-    return score, amap
+    """CopsModel after ``encode_image``: (pred_score, anomaly_map)."""
+    return tuple(model.forward_head(image_embedding, patch_embedding, size))
 
 
 class TorchBackend(Backend):
