@@ -1,0 +1,132 @@
+"""``cops train``, ``cops eval`` and ``cops demo``: smoke runs and refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cops_deploy.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from cops_deploy.data.synth import synthesize
+
+    root = tmp_path_factory.mktemp("clisynth")
+    return synthesize(
+        root, seed=0, n_train_good=1, n_test_good=2, n_test_bad=2, size=48,
+        classes=("noise", "pcb", "screw"),
+    )  # fmt: skip
+
+
+def _train_args(data, out, *extra):
+    return [
+        "train", "--data", str(data), "--dataset", "synth", "--out", str(out),
+        "--model", "cops-tiny", "--random-clip", "--epochs", "1", "--batch-size", "4",
+        "--classes", "noise,pcb", "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run_dir(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clirun") / "run"
+    assert main(_train_args(data, out)) == 0
+    return out
+
+
+def test_train_writes_a_run(run_dir, capsys):
+    assert (run_dir / "model" / "model.safetensors").is_file()
+    assert (run_dir / "checkpoints" / "epoch_0001" / "state.json").is_file()
+    config = json.loads((run_dir / "train_config.json").read_text())
+    assert config["classes"] == ["noise", "pcb"] and config["epochs"] == 1
+
+
+def test_train_resume_continues_with_more_epochs(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_train_args(data, out)) == 0
+    args = _train_args(data, out, "--resume")
+    args[args.index("--epochs") + 1] = "2"
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "resumed from epoch 1" in text and "epoch 2/2" in text
+    assert (out / "checkpoints" / "epoch_0002").is_dir()
+
+
+def test_eval_on_held_out_class_and_refusal_to_overwrite(data, run_dir, tmp_path, capsys):
+    out = tmp_path / "eval"
+    args = [
+        "eval", "--data", str(data), "--dataset", "synth", "--weights", str(run_dir / "model"),
+        "--random-clip", "--classes", "screw", "--out", str(out), "--no-progress",
+    ]  # fmt: skip
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "mean: I-AUROC" in text and "preset paper (alpha 0.3" in text
+    assert (out / "results.md").is_file() and (out / "overlays" / "screw.png").is_file()
+    assert main(args) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main([*args, "--force", "--preset", "reference"]) == 0
+    assert "alpha 0.26" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--weights", "nowhere"], "does not exist"),
+        (["--weights", "{run}/model", "--dataset", "imagenet"], "unknown dataset"),
+        (["--weights", "{run}/model"], "holds no CLIP weights"),
+    ],
+)
+def test_eval_refusals(data, run_dir, tmp_path, capsys, extra, message):
+    extra = [e.replace("{run}", str(run_dir)) for e in extra]
+    args = ["eval", "--data", str(data), "--dataset", "synth", "--out", str(tmp_path / "e")]
+    assert main([*args, *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_eval_unknown_preset_is_an_argparse_error(data, run_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(
+            ["eval", "--data", str(data), "--dataset", "synth", "--weights", str(run_dir),
+             "--out", str(tmp_path), "--preset", "fast"]
+        )  # fmt: skip
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_train_refusals(data, run_dir, tmp_path, capsys):
+    assert main(_train_args(data, run_dir)) == 2
+    assert "not empty" in capsys.readouterr().err
+    args = _train_args(data, tmp_path / "x")
+    args.remove("--random-clip")
+    assert main(args) == 2
+    assert "no CLIP weights given" in capsys.readouterr().err
+    assert main(_train_args(data, tmp_path / "y", "--resume")) == 2
+    assert "no run to resume" in capsys.readouterr().err
+    assert main(_train_args(data, tmp_path / "z", "--classes", "carpet")) == 2
+    assert "valid classes" in capsys.readouterr().err
+
+
+def test_demo_small(tmp_path, monkeypatch, capsys):
+    from cops_deploy.cli import demo_cmd
+
+    monkeypatch.setattr(
+        demo_cmd, "SYNTH", {"size": 48, "n_train_good": 1, "n_test_good": 2, "n_test_bad": 2}
+    )
+    monkeypatch.setattr(demo_cmd, "TRAIN_CLASSES", ("noise", "pcb"))
+    monkeypatch.setattr(demo_cmd, "HELD_OUT_CLASSES", ("screw",))
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--epochs", "1", "--no-progress"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "randomly initialised" in text
+    assert "untrained: I-AUROC" in text and "trained: I-AUROC" in text
+    for name in ("eval_untrained", "eval_trained"):
+        assert (out / name / "results.md").is_file()
+        assert (out / name / "overlays" / "screw.png").is_file()
+    assert (out / "run" / "model" / "model.safetensors").is_file()
+    assert "| untrained |" in (out / "summary.md").read_text()
+    assert main(args) == 2
+    assert "--force" in capsys.readouterr().err
+    (out / "mine.txt").write_text("kept")
+    assert main([*args, "--force"]) == 0
+    assert (out / "mine.txt").read_text() == "kept"
