@@ -205,7 +205,7 @@ def iter_samples(meta: Meta, split: str, classes: Iterable[str] | None = None) -
     if classes is None:
         names = list(available)
     else:
-        names = [classes] if isinstance(classes, str) else list(classes)
+        names = [classes] if isinstance(classes, str) else list(dict.fromkeys(classes))
         unknown = [name for name in names if name not in available]
         if unknown:
             raise DatasetError(

@@ -112,9 +112,10 @@ def create_model(
         cfg = name.replace(**cfg_over) if cfg_over else name
     else:
         cfg = get_config(name, **cfg_over)
-    if seed is not None:
-        torch.manual_seed(seed)
-    model = CopsModel(cfg, **model_kw)
+    with torch.random.fork_rng(devices=[]):  # seeding must not disturb the caller's RNG
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = CopsModel(cfg, **model_kw)
     provenance = {"clip": "random", "cops": "random"}
     if clip_weights is not None:
         provenance["clip"] = load_clip_weights(model, clip_weights)
