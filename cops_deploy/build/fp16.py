@@ -1,0 +1,108 @@
+"""FP16 deploy graphs with explicit FP32 islands, for TensorRT's strongly typed build.
+
+TensorRT 10/11 strongly typed networks take every tensor's type from the ONNX graph, so the
+precision is decided here, on the build side: :func:`to_fp16` copies a deploy graph with its
+weights in float16 and ``compute_dtype = float16``. The graphs' own code keeps the islands in
+float32 with explicit casts (see ``cops_deploy.build.graphs``): LayerNorm (statistics and
+affine, parameters kept float32), every softmax and its mask, L2 norms and cosine distances,
+neighbour averaging, SAGA, the head's reductions (mean over samples, max over patches), the
+upsample and the Gaussian. The graph inputs and outputs stay float32 (cast inside).
+
+:func:`export_fp16_onnx` exports such a copy; :func:`precision_report` lists, per ONNX op type,
+the element types it computes in, to show the islands are where they should be.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cops_deploy.build.graphs import _Graph
+from cops_deploy.build.onnx_export import DEFAULT_OPSET, export_onnx
+from cops_deploy.errors import ConfigError
+
+__all__ = ["ISLAND_OPS", "export_fp16_onnx", "precision_report", "to_fp16"]
+
+# ONNX ops that must compute in float32 in an FP16 graph (checked by the tests).
+ISLAND_OPS: tuple[str, ...] = (
+    "LayerNormalization",
+    "Softmax",
+    "ReduceL2",
+    "ReduceMax",
+    "ReduceMin",
+    "ReduceMean",
+    "AveragePool",
+    "Div",
+)
+
+_ONNX_TYPES = {1: "float32", 10: "float16", 11: "float64", 7: "int64", 6: "int32", 9: "bool"}
+
+
+def to_fp16(graph: nn.Module) -> nn.Module:
+    """A float16 copy of a deploy graph (VisionGraph or HeadGraph); ``graph`` is unchanged.
+
+    Weights and constants become float16 except LayerNorm parameters and the buffers the graph
+    lists in ``fp32_buffers`` (attention masks); inputs and outputs stay float32.
+    """
+    if not isinstance(graph, _Graph):
+        raise ConfigError(
+            f"to_fp16 needs a deploy graph (VisionGraph or HeadGraph from "
+            f"cops_deploy.build.graphs), got {type(graph).__name__}. Fix: wrap the model first."
+        )
+    half = copy.deepcopy(graph)
+    keep = set(half.fp32_buffers)
+    for prefix, module in half.named_modules():
+        if isinstance(module, nn.LayerNorm):
+            continue
+        for param in module.parameters(recurse=False):
+            param.data = param.data.to(torch.float16)
+        for name, buf in list(module.named_buffers(recurse=False)):
+            full = f"{prefix}.{name}" if prefix else name
+            if full not in keep and buf.is_floating_point():
+                module._buffers[name] = buf.to(torch.float16)
+    half.compute_dtype = torch.float16
+    return half.eval()
+
+
+def export_fp16_onnx(
+    graph: nn.Module,
+    out_path: str | os.PathLike[str],
+    example: Sequence[torch.Tensor],
+    dynamic_batch: bool = True,
+    opset: int = DEFAULT_OPSET,
+    external_data: bool = True,
+    check: bool = True,
+) -> Path:
+    """Export the FP16 copy of a float32 deploy graph (same I/O names, float32 I/O)."""
+    half = to_fp16(graph)
+    return export_onnx(half, out_path, example, dynamic_batch, opset, external_data, check)
+
+
+def precision_report(onnx_path: str | os.PathLike[str]) -> dict[str, dict[str, int]]:
+    """Per ONNX op type, how many nodes compute in each element type (that of their first
+    input, by shape inference), e.g. ``{"MatMul": {"float16": 60}, "Softmax": {"float32": 24}}``.
+    """
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types: dict[str, int] = {}
+    graph = inferred.graph
+    for value in [*graph.input, *graph.value_info, *graph.output]:
+        types[value.name] = value.type.tensor_type.elem_type
+    for init in graph.initializer:
+        types[init.name] = init.data_type
+    report: dict[str, Counter[str]] = {}
+    for node in graph.node:
+        if not node.input or node.op_type in ("Cast", "Shape", "Constant"):
+            continue
+        elem = types.get(node.input[0])
+        name = _ONNX_TYPES.get(elem, "unknown") if elem is not None else "unknown"
+        report.setdefault(node.op_type, Counter())[name] += 1
+    return {op: dict(counts) for op, counts in sorted(report.items())}

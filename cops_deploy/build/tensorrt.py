@@ -1,0 +1,369 @@
+"""TensorRT engines from the exported ONNX graphs (TensorRT >= 10 API, strongly typed).
+
+TensorRT 10/11 builds strongly typed networks: every tensor's type comes from the ONNX graph,
+so an FP16 engine is built from the FP16 ONNX graph (``cops_deploy.build.fp16``) and there is
+no precision flag. The optimisation profile covers batch 1 .. ``max_batch`` (optimum
+``max(1, max_batch // 2)``). A timing cache file speeds up rebuilds; an engine cache keyed by
+:class:`~cops_deploy.runtime.bundle.EngineKey` (ONNX sha256, TensorRT version, GPU name,
+compute capability, precision, profile) reuses an engine only where every field matches.
+
+``tensorrt`` is imported inside functions only; without it :func:`import_tensorrt` raises
+MissingDependencyError with the install command. Everything up to the build itself (profiles,
+keys, cache paths, precision checks) runs on a CPU-only machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cops_deploy.build.onnx_export import ExportError
+from cops_deploy.errors import BundleError, ConfigError, MissingDependencyError
+from cops_deploy.runtime.bundle import EngineKey, sha256_file
+
+__all__ = [
+    "PRECISIONS",
+    "TRT_INSTALL",
+    "BatchProfile",
+    "EngineBuildError",
+    "build_engine",
+    "build_engine_cached",
+    "check_engine_key",
+    "engine_cache_path",
+    "engine_key",
+    "import_tensorrt",
+    "machine_fields",
+    "onnx_precision",
+    "profile_shapes",
+    "read_cached_key",
+    "tensorrt_available",
+]
+
+TRT_INSTALL = "pip install 'cops-deploy[trt]'"
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
+MIN_TRT_MAJOR = 10
+_FP16, _FP32 = 10, 1  # onnx.TensorProto.FLOAT16, FLOAT
+
+
+class EngineBuildError(ExportError):
+    """TensorRT could not parse the ONNX graph or build the engine (the message says which)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Import
+
+
+def import_tensorrt() -> Any:
+    """The ``tensorrt`` module (>= 10); MissingDependencyError with the install command if not."""
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"building TensorRT engines needs the 'tensorrt' package (>= {MIN_TRT_MAJOR}) and an "
+            f"NVIDIA GPU; it is not importable here ({exc}). Fix: {TRT_INSTALL} on a machine "
+            f"with an NVIDIA GPU, or export with --engine onnx."
+        ) from exc
+    major = int(str(trt.__version__).split(".")[0])
+    if major < MIN_TRT_MAJOR:
+        raise MissingDependencyError(
+            f"tensorrt {trt.__version__} is too old; valid: >= {MIN_TRT_MAJOR} (strongly typed "
+            f"networks, set_input_shape/execute_async_v3). Fix: {TRT_INSTALL}."
+        )
+    return trt
+
+
+def tensorrt_available() -> bool:
+    """Whether a usable ``tensorrt`` (>= 10) imports here."""
+    try:
+        import_tensorrt()
+    except MissingDependencyError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Profile
+
+
+@dataclass(frozen=True)
+class BatchProfile:
+    """The batch range of the optimisation profile: min 1, opt max(1, max // 2), max."""
+
+    min: int
+    opt: int
+    max: int
+
+    @classmethod
+    def from_max_batch(cls, max_batch: int) -> BatchProfile:
+        """The profile for batches 1 .. ``max_batch``."""
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ConfigError(
+                f"max_batch must be an integer >= 1, got {max_batch!r}. Fix: pass e.g. "
+                f"--max-batch 8."
+            )
+        return cls(min=1, opt=max(1, max_batch // 2), max=max_batch)
+
+    def describe(self) -> str:
+        """The profile field of the engine key, e.g. ``"b1-4-8"``."""
+        return f"b{self.min}-{self.opt}-{self.max}"
+
+
+def _onnx_model(onnx_path: str | os.PathLike[str]) -> Any:
+    import onnx
+
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise ExportError(f"ONNX file {path} does not exist. Fix: export the graph first.")
+    return onnx.load(str(path), load_external_data=False)
+
+
+def profile_shapes(
+    onnx_path: str | os.PathLike[str], profile: BatchProfile
+) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """Per graph input, the (min, opt, max) shapes of the profile: dimension 0 (symbolic in the
+    ONNX graph) takes the profile's batches, every other dimension must be fixed."""
+    model = _onnx_model(onnx_path)
+    shapes = {}
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if not dims or not dims[0].dim_param:
+            if profile.max > 1:
+                raise EngineBuildError(
+                    f"{onnx_path}: input {value.name!r} has a fixed batch dimension, so no "
+                    f"profile up to batch {profile.max} fits. Fix: re-export with "
+                    f"dynamic_batch=True (cops-export does), or use --max-batch 1."
+                )
+        rest = []
+        for i, d in enumerate(dims[1:], start=1):
+            if d.dim_param or d.dim_value <= 0:
+                raise EngineBuildError(
+                    f"{onnx_path}: input {value.name!r} dimension {i} is dynamic "
+                    f"({d.dim_param or '?'}); only the batch dimension may be. Fix: export "
+                    f"with a fixed image size."
+                )
+            rest.append(int(d.dim_value))
+        shapes[value.name] = tuple((b, *rest) for b in (profile.min, profile.opt, profile.max))
+    return shapes  # type: ignore[return-value]
+
+
+def onnx_precision(onnx_path: str | os.PathLike[str]) -> str:
+    """``"fp16"`` if the graph holds float16 weights or casts to float16, else ``"fp32"``."""
+    model = _onnx_model(onnx_path)
+    graph = model.graph
+    if any(init.data_type == _FP16 for init in graph.initializer):
+        return "fp16"
+    for node in graph.node:
+        if node.op_type == "Cast" and any(a.name == "to" and a.i == _FP16 for a in node.attribute):
+            return "fp16"
+    return "fp32"
+
+
+def _check_precision(onnx_path: str | os.PathLike[str], precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ConfigError(
+            f"precision {precision!r} is not supported for TensorRT engines; valid: "
+            f"{list(PRECISIONS)}."
+        )
+    actual = onnx_precision(onnx_path)
+    if actual != precision:
+        raise EngineBuildError(
+            f"{onnx_path} is an {actual} graph but precision={precision!r} was asked; a strongly "
+            f"typed TensorRT network takes its precision from the ONNX graph. Fix: build from "
+            f"the {precision} ONNX export (cops-export --precision {precision})."
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Keys and cache
+
+
+def machine_fields(device: int = 0) -> dict[str, str]:
+    """TensorRT version, GPU name and compute capability here, as the runtime reads them
+    (``cops_deploy.runtime.backends.tensorrt_machine_fields``: one definition for both sides)."""
+    import_tensorrt()
+    from cops_deploy.runtime.backends import tensorrt_machine_fields
+
+    return tensorrt_machine_fields(device)
+
+
+def engine_key(
+    onnx_path: str | os.PathLike[str],
+    precision: str,
+    profile: BatchProfile,
+    machine: dict[str, str],
+) -> EngineKey:
+    """The key of an engine built from ``onnx_path`` on ``machine`` (see :func:`machine_fields`)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r} is not supported; valid: {list(PRECISIONS)}.")
+    missing = sorted({"tensorrt_version", "gpu_name", "compute_capability"} - machine.keys())
+    if missing:
+        raise ConfigError(
+            f"machine fields {missing} are missing from {sorted(machine)}; valid: the dict "
+            f"returned by machine_fields()."
+        )
+    return EngineKey(
+        onnx_sha256=sha256_file(onnx_path),
+        tensorrt_version=str(machine["tensorrt_version"]),
+        gpu_name=str(machine["gpu_name"]),
+        compute_capability=str(machine["compute_capability"]),
+        precision=precision,
+        profile=profile.describe(),
+    )
+
+
+def _weights_digest(onnx_path: Path) -> str:
+    """sha256 over the external-data files of an ONNX graph (the key's hash covers the graph
+    file only, whose bytes do not change when only the weights do)."""
+    from cops_deploy.build.bundle_writer import onnx_external_data_files
+
+    digest = hashlib.sha256()
+    for loc in onnx_external_data_files(onnx_path):
+        digest.update(loc.encode())
+        digest.update(sha256_file(onnx_path.parent / loc).encode())
+    return digest.hexdigest()
+
+
+def engine_cache_path(
+    cache_dir: str | os.PathLike[str], key: EngineKey, stem: str, weights_digest: str = ""
+) -> Path:
+    """Where the engine for ``key`` lives in ``cache_dir``: ``<stem>-<precision>-<digest>.engine``
+    with the key beside it as ``.json`` (the digest covers every key field and the weights)."""
+    if not stem or not stem.replace("_", "").replace("-", "").isalnum():
+        raise ConfigError(f"engine stem {stem!r} must be a plain name such as 'vision'.")
+    payload = json.dumps({**key.to_dict(), "weights": weights_digest}, sort_keys=True)
+    digest = hashlib.sha256(payload.encode()).hexdigest()[:20]
+    return Path(cache_dir) / f"{stem}-{key.precision}-{digest}.engine"
+
+
+def _key_path(engine_path: Path) -> Path:
+    return engine_path.with_name(engine_path.name + ".json")
+
+
+def check_engine_key(stored: EngineKey, current: EngineKey, engine: str | os.PathLike[str]) -> None:
+    """Refuse an engine whose key differs from this machine's: BundleError naming the field."""
+    field = stored.first_mismatch(current)
+    if field is not None:
+        raise BundleError(
+            f"engine {engine} was built for {field}={getattr(stored, field)!r}, here "
+            f"{field}={getattr(current, field)!r}; engines are tied to the ONNX graph, TensorRT "
+            f"version, GPU, precision and profile. Fix: rebuild it (cops-export --engine trt "
+            f"--force), or use the ONNX Runtime backend."
+        )
+
+
+def read_cached_key(engine_path: str | os.PathLike[str]) -> EngineKey | None:
+    """The key stored beside a cached engine, or None when either file is missing."""
+    engine_path = Path(engine_path)
+    key_path = _key_path(engine_path)
+    if not engine_path.is_file() or not key_path.is_file():
+        return None
+    try:
+        return EngineKey.from_dict(json.loads(key_path.read_text()), str(key_path))
+    except (ValueError, BundleError):
+        return None
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# Build
+
+
+def build_engine(
+    onnx_path: str | os.PathLike[str],
+    engine_path: str | os.PathLike[str],
+    precision: str,
+    max_batch: int,
+    timing_cache: str | os.PathLike[str] | None = None,
+    workspace_bytes: int | None = None,
+    device: int = 0,
+    verbose: bool = False,
+) -> EngineKey:
+    """Build a TensorRT engine from ``onnx_path`` into ``engine_path``; returns its key.
+
+    Strongly typed network (precision from the graph; ``precision`` must match it), ONNX parser
+    (external data resolved beside the file), one optimisation profile for batch 1 ..
+    ``max_batch``, and ``timing_cache`` read (when present) and written back.
+    """
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    profile = BatchProfile.from_max_batch(max_batch)
+    shapes = profile_shapes(onnx_path, profile)
+    _check_precision(onnx_path, precision)
+    trt = import_tensorrt()
+    key = engine_key(onnx_path, precision, profile, machine_fields(device))
+    logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineBuildError(
+            f"TensorRT's ONNX parser rejected {onnx_path}: {errors}. Fix: check the graph with "
+            f"`polygraphy inspect model {onnx_path}` and report the failing node."
+        )
+    config = builder.create_builder_config()
+    if workspace_bytes:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+    opt_profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in shapes.items():
+        opt_profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(opt_profile)
+    cache_path = Path(timing_cache) if timing_cache is not None else None
+    cache_bytes = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
+    config.set_timing_cache(config.create_timing_cache(cache_bytes), False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineBuildError(
+            f"TensorRT could not build an engine from {onnx_path} (precision {precision}, "
+            f"profile {profile.describe()}); see the TensorRT log above. Fix: lower --max-batch "
+            f"or raise the workspace."
+        )
+    _atomic_write(engine_path, bytes(serialized))
+    if cache_path is not None:
+        _atomic_write(cache_path, bytes(config.get_timing_cache().serialize()))
+    return key
+
+
+def build_engine_cached(
+    onnx_path: str | os.PathLike[str],
+    cache_dir: str | os.PathLike[str],
+    stem: str,
+    precision: str,
+    max_batch: int,
+    force: bool = False,
+    device: int = 0,
+    **build_kwargs: Any,
+) -> tuple[Path, EngineKey]:
+    """An engine for ``onnx_path`` from ``cache_dir``, built there when absent (or ``force``).
+
+    The timing cache is ``cache_dir/timing.cache``. Returns (engine path, key).
+    """
+    onnx_path, cache_dir = Path(onnx_path), Path(cache_dir)
+    profile = BatchProfile.from_max_batch(max_batch)
+    _check_precision(onnx_path, precision)
+    import_tensorrt()
+    key = engine_key(onnx_path, precision, profile, machine_fields(device))
+    path = engine_cache_path(cache_dir, key, stem, _weights_digest(onnx_path))
+    cached = read_cached_key(path)
+    if cached is not None and not force:
+        check_engine_key(cached, key, path)
+        return path, cached
+    build_kwargs.setdefault("timing_cache", cache_dir / "timing.cache")
+    built = build_engine(onnx_path, path, precision, max_batch, device=device, **build_kwargs)
+    _atomic_write(_key_path(path), json.dumps(built.to_dict(), sort_keys=True).encode())
+    return path, built

@@ -1,0 +1,385 @@
+"""TensorRT engine building: profiles, keys, cache, refusals on CPU; the build itself under `trt`.
+
+The CPU tests drive ``build_engine`` through a fake ``tensorrt`` module that records the calls,
+so the flow (strongly typed network, parser, profile, timing cache, engine cache) is checked
+without a GPU; the ``trt`` tests build real engines where TensorRT and a GPU exist.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from cops_deploy.build import tensorrt as trt_build
+from cops_deploy.build.onnx_export import ExportError
+from cops_deploy.build.tensorrt import (
+    TRT_INSTALL,
+    BatchProfile,
+    EngineBuildError,
+    build_engine,
+    build_engine_cached,
+    check_engine_key,
+    engine_cache_path,
+    engine_key,
+    import_tensorrt,
+    onnx_precision,
+    profile_shapes,
+    read_cached_key,
+)
+from cops_deploy.errors import BundleError, ConfigError, MissingDependencyError
+from cops_deploy.runtime.bundle import EngineKey, sha256_file
+
+MACHINE = {"tensorrt_version": "10.13.0", "gpu_name": "NVIDIA H200", "compute_capability": "9.0"}
+
+
+def make_onnx(
+    path: Path, batch: int | str = "batch", fp16: bool = False, width: int | str = 4
+) -> Path:
+    """y = x @ W with x [batch, width]; ``fp16`` adds a float16 weight and casts."""
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"])]
+    dtype = TensorProto.FLOAT
+    weight = numpy_helper.from_array(np.ones((4, 3), "float32"), "W")
+    if fp16:
+        weight = numpy_helper.from_array(np.ones((4, 3), "float16"), "W")
+        nodes = [
+            helper.make_node("Cast", ["x"], ["xh"], to=TensorProto.FLOAT16),
+            helper.make_node("MatMul", ["xh", "W"], ["yh"]),
+            helper.make_node("Cast", ["yh"], ["y"], to=TensorProto.FLOAT),
+        ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", dtype, [batch, width])],
+        [helper.make_tensor_value_info("y", dtype, [batch, 3])],
+        initializer=[weight],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), str(path))
+    return path
+
+
+# ---------------------------------------------------------------------------------- profile
+
+
+@pytest.mark.parametrize(
+    ("max_batch", "expected"), [(1, (1, 1, 1)), (2, (1, 1, 2)), (5, (1, 2, 5)), (8, (1, 4, 8))]
+)
+def test_profile_from_max_batch(max_batch, expected):
+    profile = BatchProfile.from_max_batch(max_batch)
+    assert (profile.min, profile.opt, profile.max) == expected
+    assert profile.describe() == "b{}-{}-{}".format(*expected)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "8"])
+def test_profile_refuses_bad_max_batch(bad):
+    with pytest.raises(ConfigError, match="max_batch must be an integer >= 1"):
+        BatchProfile.from_max_batch(bad)
+
+
+def test_profile_shapes(tmp_path):
+    path = make_onnx(tmp_path / "g.onnx")
+    shapes = profile_shapes(path, BatchProfile.from_max_batch(8))
+    assert shapes == {"x": ((1, 4), (4, 4), (8, 4))}
+
+
+def test_profile_shapes_fixed_batch(tmp_path):
+    path = make_onnx(tmp_path / "g.onnx", batch=1)
+    with pytest.raises(EngineBuildError, match="fixed batch dimension"):
+        profile_shapes(path, BatchProfile.from_max_batch(4))
+    assert profile_shapes(path, BatchProfile.from_max_batch(1)) == {"x": ((1, 4),) * 3}
+
+
+def test_profile_shapes_refuses_other_dynamic_dims(tmp_path):
+    path = make_onnx(tmp_path / "g.onnx", width="w")
+    with pytest.raises(EngineBuildError, match="dimension 1 is dynamic"):
+        profile_shapes(path, BatchProfile.from_max_batch(2))
+
+
+def test_missing_onnx_file(tmp_path):
+    with pytest.raises(ExportError, match="does not exist"):
+        profile_shapes(tmp_path / "none.onnx", BatchProfile.from_max_batch(2))
+
+
+# -------------------------------------------------------------------------------- precision
+
+
+def test_onnx_precision(tmp_path):
+    assert onnx_precision(make_onnx(tmp_path / "a.onnx")) == "fp32"
+    assert onnx_precision(make_onnx(tmp_path / "b.onnx", fp16=True)) == "fp16"
+
+
+def test_precision_mismatch_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(trt_build, "machine_fields", lambda device=0: dict(MACHINE))
+    path = make_onnx(tmp_path / "a.onnx")
+    with pytest.raises(EngineBuildError, match="is an fp32 graph but precision='fp16'"):
+        build_engine(path, tmp_path / "a.engine", "fp16", 2)
+    with pytest.raises(ConfigError, match="precision 'int8' is not supported"):
+        build_engine(path, tmp_path / "a.engine", "int8", 2)
+
+
+# ------------------------------------------------------------------------------ keys, cache
+
+
+def test_engine_key_fields(tmp_path):
+    path = make_onnx(tmp_path / "g.onnx")
+    key = engine_key(path, "fp32", BatchProfile.from_max_batch(8), MACHINE)
+    assert key == EngineKey(sha256_file(path), "10.13.0", "NVIDIA H200", "9.0", "fp32", "b1-4-8")
+
+
+def test_engine_key_refusals(tmp_path):
+    path = make_onnx(tmp_path / "g.onnx")
+    profile = BatchProfile.from_max_batch(2)
+    with pytest.raises(ConfigError, match=r"machine fields \['gpu_name'\] are missing"):
+        engine_key(path, "fp32", profile, {k: v for k, v in MACHINE.items() if k != "gpu_name"})
+    with pytest.raises(ConfigError, match="precision 'bf16'"):
+        engine_key(path, "bf16", profile, MACHINE)
+
+
+def test_cache_path_depends_on_every_field_and_the_weights(tmp_path):
+    path = make_onnx(tmp_path / "g.onnx")
+    key = engine_key(path, "fp32", BatchProfile.from_max_batch(4), MACHINE)
+    base = engine_cache_path(tmp_path, key, "vision")
+    assert base == engine_cache_path(tmp_path, key, "vision")
+    assert base.parent == tmp_path and base.name.startswith("vision-fp32-")
+    assert base.suffix == ".engine"
+    seen = {base}
+    for field, value in key.to_dict().items():
+        other = EngineKey(**{**key.to_dict(), field: value + "x"})
+        seen.add(engine_cache_path(tmp_path, other, "vision"))
+    seen.add(engine_cache_path(tmp_path, key, "vision", weights_digest="abc"))
+    assert len(seen) == len(key.to_dict()) + 2
+
+
+def test_cache_path_refuses_odd_stem(tmp_path):
+    key = EngineKey("0" * 64, "10", "g", "9.0", "fp32", "b1-1-1")
+    with pytest.raises(ConfigError, match="engine stem '../x'"):
+        engine_cache_path(tmp_path, key, "../x")
+
+
+def test_check_engine_key_names_the_field(tmp_path):
+    key = EngineKey("0" * 64, "10.13.0", "NVIDIA H200", "9.0", "fp32", "b1-4-8")
+    check_engine_key(key, key, tmp_path / "v.engine")
+    here = EngineKey(**{**key.to_dict(), "gpu_name": "NVIDIA A100"})
+    with pytest.raises(BundleError, match="built for gpu_name='NVIDIA H200', here gpu_name="):
+        check_engine_key(key, here, tmp_path / "v.engine")
+    here = EngineKey(**{**key.to_dict(), "tensorrt_version": "11.0.0"})
+    with pytest.raises(BundleError, match="tensorrt_version.*rebuild"):
+        check_engine_key(key, here, tmp_path / "v.engine")
+
+
+def test_read_cached_key(tmp_path):
+    engine = tmp_path / "v.engine"
+    assert read_cached_key(engine) is None
+    engine.write_bytes(b"x")
+    assert read_cached_key(engine) is None  # no key beside it
+    key = EngineKey("0" * 64, "10", "g", "9.0", "fp32", "b1-1-1")
+    (tmp_path / "v.engine.json").write_text(json.dumps(key.to_dict()))
+    assert read_cached_key(engine) == key
+    (tmp_path / "v.engine.json").write_text("{not json")
+    assert read_cached_key(engine) is None
+
+
+# --------------------------------------------------------------------------------- import
+
+
+def test_missing_tensorrt_gives_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import raises ImportError
+    with pytest.raises(MissingDependencyError) as info:
+        import_tensorrt()
+    assert TRT_INSTALL in str(info.value) and "pip install 'cops-deploy[trt]'" in str(info.value)
+    assert not trt_build.tensorrt_available()
+
+
+def test_old_tensorrt_is_refused(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="8.6.1"))
+    with pytest.raises(MissingDependencyError, match="8.6.1 is too old"):
+        import_tensorrt()
+
+
+def test_machine_fields_come_from_the_runtime():
+    """The build side keys engines with the runtime's own reading of the machine."""
+    from cops_deploy.runtime import backends
+
+    assert callable(backends.tensorrt_machine_fields)
+
+
+# ----------------------------------------------------------------------- fake TensorRT flow
+
+
+class FakeTensorRT(types.ModuleType):
+    """Just enough of the TensorRT >= 10 Python API to run build_engine; records calls."""
+
+    def __init__(self, fail_parse: bool = False) -> None:
+        super().__init__("tensorrt")
+        self.__version__ = "10.13.0"
+        self.calls: list[tuple] = []
+        self.fail_parse = fail_parse
+        fake = self
+
+        class Logger:
+            WARNING, VERBOSE = "warning", "verbose"
+
+            def __init__(self, level):
+                fake.calls.append(("logger", level))
+
+        class NetworkDefinitionCreationFlag:
+            STRONGLY_TYPED = 5
+
+        class MemoryPoolType:
+            WORKSPACE = "workspace"
+
+        class Cache:
+            def __init__(self, data):
+                self.data = bytes(data)
+
+            def serialize(self):
+                return self.data + b"+timed"
+
+        class Config:
+            def set_memory_pool_limit(self, pool, size):
+                fake.calls.append(("workspace", size))
+
+            def add_optimization_profile(self, profile):
+                fake.calls.append(("profile", dict(profile.shapes)))
+
+            def create_timing_cache(self, data):
+                return Cache(data)
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                fake.calls.append(("timing_cache_in", cache.data, ignore_mismatch))
+                self.cache = cache
+
+            def get_timing_cache(self):
+                return self.cache
+
+        class Profile:
+            def __init__(self):
+                self.shapes = {}
+
+            def set_shape(self, name, lo, opt, hi):
+                self.shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                fake.calls.append(("network_flags", flags))
+                return object()
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                fake.calls.append(("build",))
+                return memoryview(b"ENGINE")
+
+        class OnnxParser:
+            num_errors = 1
+
+            def __init__(self, network, logger):
+                pass
+
+            def parse_from_file(self, path):
+                fake.calls.append(("parse", path))
+                return not fake.fail_parse
+
+            def get_error(self, i):
+                return "unsupported op Foo"
+
+        self.Logger, self.Builder, self.OnnxParser = Logger, Builder, OnnxParser
+        self.NetworkDefinitionCreationFlag = NetworkDefinitionCreationFlag
+        self.MemoryPoolType = MemoryPoolType
+
+
+@pytest.fixture
+def fake_trt(monkeypatch):
+    fake = FakeTensorRT()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(trt_build, "machine_fields", lambda device=0: dict(MACHINE))
+    return fake
+
+
+def test_build_engine_flow(fake_trt, tmp_path):
+    onnx_path = make_onnx(tmp_path / "g.onnx")
+    timing = tmp_path / "timing.cache"
+    key = build_engine(
+        onnx_path, tmp_path / "g.engine", "fp32", 8, timing_cache=timing, workspace_bytes=1 << 30
+    )
+    assert (tmp_path / "g.engine").read_bytes() == b"ENGINE"
+    assert timing.read_bytes() == b"+timed"
+    assert ("network_flags", 1 << 5) in fake_trt.calls  # STRONGLY_TYPED
+    assert ("parse", str(onnx_path)) in fake_trt.calls
+    assert ("profile", {"x": ((1, 4), (4, 4), (8, 4))}) in fake_trt.calls
+    assert ("workspace", 1 << 30) in fake_trt.calls
+    assert key.profile == "b1-4-8" and key.onnx_sha256 == sha256_file(onnx_path)
+    build_engine(onnx_path, tmp_path / "g.engine", "fp32", 8, timing_cache=timing)
+    assert ("timing_cache_in", b"+timed", False) in fake_trt.calls  # the cache is read back
+
+
+def test_build_engine_parser_errors(fake_trt, tmp_path):
+    fake_trt.fail_parse = True
+    with pytest.raises(EngineBuildError, match="parser rejected .*unsupported op Foo"):
+        build_engine(make_onnx(tmp_path / "g.onnx"), tmp_path / "g.engine", "fp32", 2)
+    assert not (tmp_path / "g.engine").exists()
+
+
+def test_engine_cache_reuse_and_force(fake_trt, tmp_path):
+    onnx_path = make_onnx(tmp_path / "g.onnx", fp16=True)
+    cache = tmp_path / "cache"
+    path, key = build_engine_cached(onnx_path, cache, "head", "fp16", 4)
+    assert path.parent == cache and path.name.startswith("head-fp16-")
+    assert read_cached_key(path) == key and (cache / "timing.cache").is_file()
+    builds = fake_trt.calls.count(("build",))
+    again, key2 = build_engine_cached(onnx_path, cache, "head", "fp16", 4)
+    assert (again, key2) == (path, key) and fake_trt.calls.count(("build",)) == builds
+    build_engine_cached(onnx_path, cache, "head", "fp16", 4, force=True)
+    assert fake_trt.calls.count(("build",)) == builds + 1
+    other, _ = build_engine_cached(onnx_path, cache, "head", "fp16", 2)  # another profile
+    assert other != path
+
+
+# ------------------------------------------------------------------------------ real TensorRT
+
+
+def _require_tensorrt_gpu():
+    try:
+        import_tensorrt()
+    except MissingDependencyError as exc:
+        pytest.skip(f"TensorRT is not importable here: {exc}")
+    try:
+        trt_build.machine_fields()
+    except Exception as exc:  # no GPU, no cuda-python, driver trouble: all mean skip here
+        pytest.skip(f"no usable NVIDIA GPU for TensorRT: {exc}")
+
+
+@pytest.mark.trt
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_build_tiny_engines(precision, tmp_path):
+    _require_tensorrt_gpu()
+    from cops_deploy import create_model
+    from cops_deploy.build.fp16 import export_fp16_onnx
+    from cops_deploy.build.graphs import HeadGraph, VisionGraph, example_inputs
+    from cops_deploy.build.onnx_export import export_onnx
+
+    model = create_model("cops-tiny", seed=0)
+    export = export_fp16_onnx if precision == "fp16" else export_onnx
+    for name, graph in (("vision", VisionGraph(model)), ("head", HeadGraph(model))):
+        onnx_path = export(graph, tmp_path / f"{name}.onnx", example_inputs(name, model.cfg))
+        path, key = build_engine_cached(onnx_path, tmp_path / "cache", name, precision, 4)
+        assert path.stat().st_size > 0
+        assert key.precision == precision and key.profile == "b1-2-4"
+        trt = import_tensorrt()
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        assert set(names) == set(graph.input_names) | set(graph.output_names)
