@@ -44,12 +44,15 @@ ISLAND_OPS: tuple[str, ...] = (
 _ONNX_TYPES = {1: "float32", 10: "float16", 11: "float64", 7: "int64", 6: "int32", 9: "bool"}
 
 
-def to_fp16(graph: nn.Module) -> nn.Module:
-    """A float16 copy of a deploy graph (VisionGraph or HeadGraph); ``graph`` is unchanged.
+def to_fp16(graph: nn.Module, dtype: torch.dtype = torch.float16) -> nn.Module:
+    """A float16 (or ``dtype``: bfloat16 for the CPU bf16 precision) copy of a deploy graph
+    (VisionGraph or HeadGraph); ``graph`` is unchanged.
 
-    Weights and constants become float16 except LayerNorm parameters and the buffers the graph
+    Weights and constants become ``dtype`` except LayerNorm parameters and the buffers the graph
     lists in ``fp32_buffers`` (attention masks); inputs and outputs stay float32.
     """
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise ConfigError(f"to_fp16 dtype must be float16 or bfloat16, got {dtype}")
     if not isinstance(graph, _Graph):
         raise ConfigError(
             f"to_fp16 needs a deploy graph (VisionGraph or HeadGraph from "
@@ -61,12 +64,12 @@ def to_fp16(graph: nn.Module) -> nn.Module:
         if isinstance(module, nn.LayerNorm):
             continue
         for param in module.parameters(recurse=False):
-            param.data = param.data.to(torch.float16)
+            param.data = param.data.to(dtype)
         for name, buf in list(module.named_buffers(recurse=False)):
             full = f"{prefix}.{name}" if prefix else name
             if full not in keep and buf.is_floating_point():
-                module._buffers[name] = buf.to(torch.float16)
-    half.compute_dtype = torch.float16
+                module._buffers[name] = buf.to(dtype)
+    half.compute_dtype = dtype
     return half.eval()
 
 

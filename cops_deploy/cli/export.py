@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="replace an existing bundle/repository")
     p.add_argument("--triton", action="store_true", help="also write a Triton model repository")
+    p.add_argument(
+        "--torch-weights",
+        action="store_true",
+        help="also store the PyTorch weights (safetensors) so Detector's torch backend can run",
+    )
     p.add_argument("--triton-dir", type=Path, help="Triton repository (default OUT-triton)")
     p.add_argument(
         "--engine-cache",
@@ -237,6 +242,8 @@ def _export(args: argparse.Namespace) -> int:
             writer.add_onnx(Path(work) / "head.onnx", role="head_onnx")
             for graph, key in keys.items():
                 writer.add_engine(Path(work) / f"{graph}.engine", key, name=f"{graph}.engine")
+            if args.torch_weights:
+                writer.add_file(Path(work) / "model.safetensors", role="torch_model")
             writer.set_metadata(**meta)
     progress.end("writing bundle")  # after the writer hashed, checked and renamed the bundle
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
@@ -273,6 +280,10 @@ def _export_into(
         if provenance.random_weights:
             print("    note: random weights (smoke bundle); the manifest records it")
     cfg = model.cfg
+    if args.torch_weights:
+        from cops_deploy.model.weights import save_safetensors
+
+        save_safetensors(model.state_dict(), work / "model.safetensors")
     with progress.stage("building graphs"):
         vision, head = g.VisionGraph(model), g.HeadGraph(model)
     export = export_onnx

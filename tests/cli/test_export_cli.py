@@ -48,6 +48,7 @@ def smoke(tmp_path_factory):
         "--triton",
         "--triton-dir",
         str(root / "triton"),
+        "--torch-weights",
     )
     assert code == 0, err
     return {"root": root, "bundle": bundle, "stdout": out}
@@ -266,3 +267,19 @@ def test_fp16_bundle(tmp_path):
     assert {t.dtype for g in manifest.graphs.values() for t in (*g.inputs, *g.outputs)} == {
         "float32"
     }
+
+
+def test_torch_weights_let_every_backend_run_the_bundle(smoke):
+    """With --torch-weights the Detector's torch backend runs; it agrees with ONNX Runtime."""
+    from cops_deploy.runtime import Detector
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (60, 80, 3), dtype=np.uint8) for _ in range(2)]
+    results = {}
+    for backend in ("onnxruntime", "torch"):
+        with Detector.open(smoke["bundle"], backend=backend) as det:
+            assert det.backend_name == backend
+            results[backend] = det.predict(images)
+    for a, b in zip(results["onnxruntime"], results["torch"], strict=True):
+        assert abs(a.score - b.score) < TOL
+        assert np.abs(a.anomaly_map - b.anomaly_map).max() < TOL
