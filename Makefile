@@ -19,7 +19,7 @@ demo: venv
 	$(BIN)/cops demo --out demo_out
 
 test: venv
-	$(BIN)/python -m pytest -q tests benchmarks/test_quick.py
+	$(BIN)/python -m pytest -q tests benchmarks --bench-quick
 
 bench: venv
 	$(BIN)/python -m pytest -q benchmarks

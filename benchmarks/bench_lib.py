@@ -1,0 +1,355 @@
+"""Measurement helpers of the benchmark suite: backends, timing, memory, FLOPs, GEMM rates,
+labelled synthetic data, and the results files (JSON, Markdown, PNG chart).
+
+Every backend is a callable ``(B, 3, S, S) float32 numpy -> (scores (B,), maps (B, S, S))``
+over the same weights (``create_model(arch, seed=0)``, which is also what ``cops-export
+--random-weights --seed 0`` exports), so their outputs and times compare directly.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+RunFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+FULL = "cops-vit-l-14-336"
+TINY = "cops-tiny"
+# Everything measured in this session; conftest.py writes it out at the end.
+RESULTS: dict[str, Any] = {"archs": {}, "gates": []}
+
+
+def record_gate(name: str, value: float | None, limit: float) -> bool:
+    """Record a gate's figure and print it; returns whether it passed."""
+    passed = value is not None and value <= limit
+    RESULTS["gates"].append({"name": name, "value": value, "limit": limit, "passed": passed})
+    shown = "n/a" if value is None else f"{value:.4g}"
+    print(f"gate {name}: {shown} (limit {limit:.4g}) {'pass' if passed else 'FAIL'}")
+    return passed
+
+
+# ----------------------------------------------------------------------------- backends
+@dataclass
+class BenchBackend:
+    """One way of running the pipeline: a name, a precision, and its batch function."""
+
+    name: str
+    precision: str
+    run: RunFn
+    batch1_only: bool = False
+    keep: list[Any] = field(default_factory=list)  # objects to keep alive (sessions, models)
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}/{self.precision}"
+
+    def close(self) -> None:
+        self.keep.clear()
+        gc.collect()
+
+
+def torch_backend(name: str, module: torch.nn.Module, precision: str = "fp32") -> BenchBackend:
+    """A torch module returning (pred_score, anomaly_map)."""
+
+    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with torch.inference_mode():
+            out = module(torch.from_numpy(x))
+        return out[0].float().numpy(), out[1].float().numpy()
+
+    return BenchBackend(name, precision, run, keep=[module])
+
+
+def reference_backend(model: torch.nn.Module) -> BenchBackend:
+    """The reference-eager pipeline (one image at a time)."""
+    from reference_eager import ReferenceEager
+
+    ref = ReferenceEager(model)
+
+    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scores, maps = [], []
+        for i in range(x.shape[0]):
+            s, m = ref(torch.from_numpy(x[i : i + 1]))
+            scores.append(s)
+            maps.append(m)
+        return np.asarray(scores, np.float32), np.stack(maps).astype(np.float32)
+
+    return BenchBackend("reference-eager", "fp32", run, batch1_only=True, keep=[ref])
+
+
+def onnxruntime_backend(bundle_dir: Path, precision: str, threads: int | None) -> BenchBackend:
+    """The bundle's vision and head graphs in ONNX Runtime (CPU), fed preprocessed images."""
+    from cops_deploy.runtime.backends import OnnxRuntimeBackend
+    from cops_deploy.runtime.bundle import open_bundle
+
+    bundle = open_bundle(bundle_dir, verify=False)
+    vision = OnnxRuntimeBackend(bundle, "vision", threads=threads)
+    head = OnnxRuntimeBackend(bundle, "head", threads=threads)
+    vision.activate()
+    head.activate()
+
+    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        emb = vision.infer({"image": np.ascontiguousarray(x, dtype=np.float32)})
+        out = head.infer(emb)
+        return out["pred_score"], out["anomaly_map"]
+
+    backend = BenchBackend("onnxruntime", precision, run, keep=[vision, head])
+    backend.provider = vision.provider
+    return backend
+
+
+# ----------------------------------------------------------------------------- measuring
+class PeakRSS:
+    """Samples this process's resident set size every ``interval`` s while active."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.peak = self.start = rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+
+def rss_bytes() -> int:
+    """Current resident set size (Linux /proc; falls back to ru_maxrss)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def time_runs(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
+    """Wall times (s) of ``repeats`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def gemm_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 8) -> float:
+    """Measured GEMM rate (GFLOP/s) of an n x n x n matmul in ``dtype`` on this machine."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(dtype)
+    b = torch.randn(n, n, generator=gen).to(dtype)
+    times = time_runs(lambda: torch.mm(a, b), warmup=2, repeats=repeats)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def count_flops(module: torch.nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of one forward pass (matmuls, convolutions, attention), by torch's counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    params = list(module.parameters())
+    flags = [p.requires_grad for p in params]
+    module.requires_grad_(False)  # the counter's module tracker trips over trainable leaves
+    try:
+        with counter, torch.no_grad():
+            module(x)
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+    return int(counter.get_total_flops())
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass
+class LabelledSet:
+    images: np.ndarray  # (B, 3, S, S) float32, normalised
+    labels: np.ndarray  # (B,) 0/1
+    masks: np.ndarray  # (B, S, S) bool
+
+
+def labelled_set(root: Path, size: int, n_good: int, n_bad: int, seed: int = 0) -> LabelledSet:
+    """Synthetic images with defects and pixel masks (``cops data synth``), at model size."""
+    from cops_deploy.data.meta import iter_samples, load_meta
+    from cops_deploy.data.synth import synthesize
+    from cops_deploy.data.transforms import load_mask
+    from cops_deploy.runtime.images import load_image, preprocess
+
+    if not (root / "meta.json").is_file():
+        synthesize(
+            root,
+            seed=seed,
+            n_train_good=1,
+            n_test_good=n_good,
+            n_test_bad=n_bad,
+            size=192,
+            classes=["disc", "weave"],
+            force=True,
+        )
+    meta = load_meta(root)
+    good, bad = [], []
+    for sample in iter_samples(meta, "test"):
+        (bad if sample.anomaly else good).append(sample)
+    chosen = good[:n_good] + bad[:n_bad]
+    images = np.stack([preprocess(load_image(s.image_file(root)), size) for s in chosen])
+    masks = np.stack([load_mask(s.mask_file(root) or "", size) for s in chosen])
+    labels = np.asarray([s.anomaly for s in chosen], np.int64)
+    return LabelledSet(images.astype(np.float32), labels, masks)
+
+
+def aurocs(scores: np.ndarray, maps: np.ndarray, data: LabelledSet) -> dict[str, float | None]:
+    """I-AUROC and P-AUROC of one backend's outputs on the labelled set."""
+    from cops_deploy.evaluate.metrics import PixelMetricAccumulator, auroc
+
+    acc = PixelMetricAccumulator(compute_aupro=False)
+    acc.add(maps, data.masks)
+    return {"I-AUROC": auroc(scores, data.labels), "P-AUROC": acc.compute()["P-AUROC"]}
+
+
+# ----------------------------------------------------------------------------- results
+def machine_info() -> dict[str, Any]:
+    import onnxruntime
+
+    import cops_deploy
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "versions": {
+            "cops_deploy": cops_deploy.__version__,
+            "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "numpy": np.__version__,
+        },
+    }
+
+
+def write_results(results: dict[str, Any], out: Path) -> list[Path]:
+    """results.json, results.md and latency.png in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "results.json", out / "results.md", out / "latency.png"]
+    paths[0].write_text(json.dumps(results, indent=2, default=float))
+    paths[1].write_text(markdown(results))
+    chart(results, paths[2])
+    return paths
+
+
+def _fmt(v: Any, spec: str = ".3g") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = ["# cops-deploy benchmarks", ""]
+    m = results.get("machine", {})
+    lines += [
+        f"Machine: {m.get('processor')} ({m.get('cpu_count')} CPUs, torch threads "
+        f"{m.get('torch_threads')}), CUDA: {m.get('cuda')}; versions: "
+        f"{m.get('versions')}",
+        "",
+    ]
+    rates = results.get("gemm_gflops", {})
+    if rates:
+        lines += [
+            f"GEMM rate: fp32 {rates.get('fp32', 0):.0f} GFLOP/s, bf16 "
+            f"{rates.get('bf16', 0):.0f} GFLOP/s",
+            "",
+        ]
+    for arch, a in results.get("archs", {}).items():
+        lines += [f"## {arch}", ""]
+        if a.get("flops"):
+            lines += [
+                f"FLOPs per image: deploy pipeline {a['flops']['deploy'] / 1e12:.3f} T, "
+                f"eager model {a['flops']['eager'] / 1e12:.3f} T; floors: fp32 "
+                f"{_fmt(a['floors'].get('fp32'))} s, bf16 {_fmt(a['floors'].get('bf16'))} s",
+                "",
+            ]
+        lines += [
+            "| backend | p50 s | p90 s | vs ref-eager | throughput img/s (batch) | "
+            "peak RSS MiB (+backend) | map max diff | map median diff | score diff | "
+            "I-AUROC | P-AUROC |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for key, b in a.get("backends", {}).items():
+            lines.append(
+                f"| {key} | {_fmt(b.get('p50'))} | {_fmt(b.get('p90'))} | "
+                f"{_fmt(b.get('speedup_vs_reference'), '.2f')}x | "
+                f"{_fmt(b.get('throughput'))} ({b.get('throughput_batch')}) | "
+                f"{_fmt(b.get('peak_rss_mib'), '.0f')} (+{_fmt(b.get('backend_rss_mib'), '.0f')}) | "
+                f"{_fmt(b.get('map_max_diff'))} | {_fmt(b.get('map_median_diff'))} | "
+                f"{_fmt(b.get('score_max_diff'))} | {_fmt(b.get('I-AUROC'))} | "
+                f"{_fmt(b.get('P-AUROC'))} |"
+            )
+        lines.append("")
+    gates = results.get("gates", [])
+    if gates:
+        lines += ["## Gates", "", "| gate | figure | limit | result |", "|---|---:|---:|---|"]
+        for g in gates:
+            lines.append(
+                f"| {g['name']} | {_fmt(g['value'])} | {_fmt(g['limit'])} | "
+                f"{'pass' if g['passed'] else 'FAIL'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def chart(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    archs = results.get("archs", {})
+    fig, axes = plt.subplots(
+        1, max(1, len(archs)), figsize=(6 * max(1, len(archs)), 4), squeeze=False
+    )
+    for ax, (arch, a) in zip(axes[0], archs.items(), strict=False):
+        names = [k for k, b in a.get("backends", {}).items() if b.get("p50")]
+        p50 = [a["backends"][k]["p50"] for k in names]
+        colors = ["#888888" if k.startswith("reference") else "#1f77b4" for k in names]
+        ax.barh(names, p50, color=colors)
+        for y, v in enumerate(p50):
+            ax.text(v, y, f" {v * 1e3:.0f} ms" if v < 1 else f" {v:.2f} s", va="center")
+        for label, floor in a.get("floors", {}).items():
+            if floor:
+                ax.axvline(
+                    floor,
+                    ls="--",
+                    color="red" if label == "fp32" else "orange",
+                    label=f"{label} floor {floor:.2f} s",
+                )
+        ax.set_xlabel("p50 latency per image, batch 1 (s)")
+        ax.set_title(arch)
+        if a.get("floors"):
+            ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
