@@ -8,6 +8,7 @@ over the same weights (``create_model(arch, seed=0)``, which is also what ``cops
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -15,7 +16,7 @@ import platform
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,6 +168,22 @@ def gemm_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 8) -> float:
     b = torch.randn(n, n, generator=gen).to(dtype)
     times = time_runs(lambda: torch.mm(a, b), warmup=2, repeats=repeats)
     return 2 * n**3 / statistics.median(times) / 1e9
+
+
+@contextlib.contextmanager
+def explicit_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Run ``model``'s attention modules as plain matmuls for a while (FLOP counting)."""
+    from cops_deploy.model.layers import Attention
+
+    mods = [m for m in model.modules() if isinstance(m, Attention)]
+    saved = [m.impl for m in mods]
+    for m in mods:
+        m.impl = "explicit"
+    try:
+        yield
+    finally:
+        for m, impl in zip(mods, saved, strict=True):
+            m.impl = impl
 
 
 def count_flops(module: torch.nn.Module, x: torch.Tensor) -> int:

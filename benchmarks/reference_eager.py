@@ -89,12 +89,13 @@ class ReferenceEager:
         t = self.m.clip.text
         p = self.cfg.prompt
         length = prompts.shape[1]
-        mask = torch.full((length, length), float("-inf")).triu_(1)
+        mask = torch.full((length, length), float("-inf"), device=prompts.device)
+        mask = mask.triu_(1).to(prompts.dtype)
         x = prompts + t.positional_embedding
         deep = list(self.m.prompt.compound_prompts_text)
         for i, block in enumerate(t.transformer.resblocks):
             if 1 <= i <= len(deep):
-                tok = deep[i - 1].half().float().expand(x.shape[0], -1, -1)
+                tok = deep[i - 1].half().to(x.dtype).expand(x.shape[0], -1, -1)
                 x = torch.cat([x[:, :1], tok, x[:, 1 + tok.shape[1] :]], dim=1)
             h = _ln(x, block.ln_1)
             qkv = F.linear(h, block.attn.in_proj_weight, block.attn.in_proj_bias)
@@ -109,7 +110,7 @@ class ReferenceEager:
         emb = m.clip.text.token_embedding.weight
         ids = [p.sot_token] + [0] * p.n_ctx + [p.period_token, p.eot_token]
         ids += [0] * (self.cfg.text.context_length - len(ids))
-        base = emb[torch.tensor(ids)]  # (77, W)
+        base = emb[torch.tensor(ids, device=emb.device)]  # (77, W)
         k, s = p.context_tokens, p.state_tokens
         per_sample = []
         for r in range(z.shape[0]):  # one prompt pair per sample, as in the reference loop
@@ -175,7 +176,7 @@ class ReferenceEager:
         probs = probs * (head.alpha * dn + (1 - head.alpha) * da).unsqueeze(-1)
         size = image.shape[-1]
         full = F.interpolate(probs.reshape(1, side, side, 2).permute(0, 3, 1, 2), (size, size))
-        amap = gaussian_filter(full[0, 1].numpy(), sigma=head.sigma)
+        amap = gaussian_filter(full[0, 1].float().cpu().numpy(), sigma=head.sigma)  # CPU SciPy
         gi = g / g.norm(dim=-1, keepdim=True)
         img = ((gi @ text.t()) / head.tau).softmax(-1)[0, 1]
         score = head.beta * img + (1 - head.beta) * probs[0, :, 1].max()

@@ -66,14 +66,40 @@ def reflect_indices(size: int, radius: int) -> np.ndarray:
     return np.where(idx >= size, period - 1 - idx, idx).astype(np.int64)
 
 
+_BLUR_CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _blur_constants(
+    h: int,
+    w: int,
+    sigma: float,
+    truncate: float,
+    dtype: torch.dtype,
+    device: torch.device,
+    cache: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Kernel weights and reflect indices, built once per shape/dtype/device (so repeated calls
+    copy nothing to the device, and CUDA-graph capture sees no host transfers)."""
+    key = (h, w, float(sigma), float(truncate), dtype, str(device))
+    if key in _BLUR_CONSTANTS and cache:
+        return _BLUR_CONSTANTS[key]
+    weights = torch.as_tensor(gaussian_kernel1d(sigma, truncate), dtype=dtype).to(device)
+    radius = (weights.numel() - 1) // 2
+    rows = torch.as_tensor(reflect_indices(h, radius)).to(device)
+    cols = torch.as_tensor(reflect_indices(w, radius)).to(device)
+    if cache:
+        _BLUR_CONSTANTS[key] = (weights, rows, cols)
+    return weights, rows, cols
+
+
 def gaussian_blur(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
     """Separable Gaussian of (B, H, W) maps with scipy.ndimage.gaussian_filter semantics."""
-    weights = torch.as_tensor(gaussian_kernel1d(sigma, truncate), dtype=maps.dtype)
-    weights = weights.to(maps.device)
-    radius = (weights.numel() - 1) // 2
     b, h, w = maps.shape
-    rows = torch.as_tensor(reflect_indices(h, radius), device=maps.device)
-    cols = torch.as_tensor(reflect_indices(w, radius), device=maps.device)
+    # Cache only for plain eager tensors: under tracing (export, compile) they would be fakes.
+    eager = type(maps) is torch.Tensor and not torch.compiler.is_compiling()
+    weights, rows, cols = _blur_constants(
+        int(h), int(w), sigma, truncate, maps.dtype, maps.device, cache=eager
+    )
     x = maps.unsqueeze(1)  # (B, 1, H, W)
     x = x.index_select(2, rows)  # (B, 1, H + 2r, W)
     x = F.conv2d(x, weights.view(1, 1, -1, 1))  # (B, 1, H, W)
