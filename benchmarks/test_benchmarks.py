@@ -154,6 +154,7 @@ def ctx(arch, bench_opts, machine_rates, tmp_path_factory) -> dict[str, Any]:
         "scores": ref_scores,
         "maps": ref_maps,
         "bundles": bundles,
+        "bundle_dirs": {},
         "arch": arch,
         "record": record,
     }
