@@ -363,10 +363,11 @@ def chart(results: dict[str, Any], path: Path) -> None:
                     color="red" if label == "fp32" else "orange",
                     label=f"{label} floor {floor:.2f} s",
                 )
+        ax.set_xlim(0, max(p50, default=1) * 1.25)
         ax.set_xlabel("p50 latency per image, batch 1 (s)")
         ax.set_title(arch)
         if a.get("floors"):
-            ax.legend(loc="lower right", fontsize=8)
+            ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
