@@ -38,7 +38,7 @@ from PIL import Image, ImageDraw
 from cops_deploy.errors import ConfigError
 from cops_deploy.evaluate.metrics import IMAGE_METRICS, PIXEL_METRICS
 from cops_deploy.runtime.images import ImageSource, load_image, resize_map
-from cops_deploy.runtime.visualize import colorize
+from cops_deploy.runtime.visualize import check_alpha, colorize
 
 __all__ = [
     "METRIC_ORDER",
@@ -332,18 +332,6 @@ def _check_grid_args(
             )
 
 
-def _check_alpha(alpha: float) -> float:
-    """Heatmap weight in [0, 1], or ConfigError."""
-    if isinstance(alpha, bool) or not (
-        isinstance(alpha, (int, float, np.floating)) and 0.0 <= float(alpha) <= 1.0
-    ):
-        raise ConfigError(
-            f"invalid overlay alpha {alpha!r}; valid: a number in [0, 1] (weight of the "
-            "heatmap). Fix: pass e.g. alpha=0.5."
-        )
-    return float(alpha)
-
-
 def _colour_range(
     maps: list[np.ndarray], vmin: float | None, vmax: float | None, stretch: bool
 ) -> tuple[float, float]:
@@ -395,7 +383,7 @@ def overlay_grid(
     masks = [None] * len(images) if gt_masks is None else list(gt_masks)
     n_labels = None if row_labels is None else len(row_labels)
     _check_grid_args(len(images), len(masks), len(maps), n_labels, max_rows, tile)
-    a = _check_alpha(alpha)
+    a = check_alpha(alpha)
     n_rows = min(len(images), int(max_rows))
     map_arrays = _check_maps(maps, n_rows)
     lo, hi = _colour_range(map_arrays, vmin, vmax, stretch)

@@ -102,8 +102,8 @@ def _scale(
     return (anomaly_map - np.float32(lo)) / np.float32(hi - lo), lo, hi
 
 
-def _check_alpha(alpha: float) -> float:
-    """Blend weight in [0, 1], or ConfigError."""
+def check_alpha(alpha: float) -> float:
+    """Blend weight of a heatmap overlay in [0, 1], or ConfigError."""
     if isinstance(alpha, bool) or not (
         isinstance(alpha, (int, float, np.floating)) and 0.0 <= float(alpha) <= 1.0
     ):
@@ -135,7 +135,7 @@ def overlay(
         ImageReadError: ``rgb`` or ``anomaly_map`` has an unaccepted dtype or shape.
         ConfigError: ``alpha``, ``vmin``/``vmax`` or ``normalize`` is invalid.
     """
-    a = _check_alpha(alpha)
+    a = check_alpha(alpha)
     image = load_image(rgb)
     m = resize_map(_check_map(anomaly_map), image.shape[:2])
     scaled, _, _ = _scale(m, vmin, vmax, normalize)
@@ -193,7 +193,7 @@ def side_by_side(
             f"invalid score {score!r} of type {type(score).__name__}; valid: a number or None. "
             "Fix: pass float(score)."
         )
-    a = _check_alpha(alpha)
+    a = check_alpha(alpha)
     image = load_image(rgb)
     h, w = image.shape[:2]
     tw = max(1, round(w * tile / h))
