@@ -17,13 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cops_deploy.build.onnx_export import ExportError
 from cops_deploy.errors import BundleError, ConfigError, MissingDependencyError
+from cops_deploy.fileio import atomic_write_bytes
 from cops_deploy.runtime.bundle import EngineKey, sha256_file
 
 __all__ = [
@@ -268,18 +268,6 @@ def read_cached_key(engine_path: str | os.PathLike[str]) -> EngineKey | None:
         return None
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # ----------------------------------------------------------------------------------------------
 # Build
 
@@ -333,9 +321,9 @@ def build_engine(
             f"profile {profile.describe()}); see the TensorRT log above. Fix: lower --max-batch "
             f"or raise the workspace."
         )
-    _atomic_write(engine_path, bytes(serialized))
+    atomic_write_bytes(engine_path, bytes(serialized))
     if cache_path is not None:
-        _atomic_write(cache_path, bytes(config.get_timing_cache().serialize()))
+        atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
     return key
 
 
@@ -365,5 +353,5 @@ def build_engine_cached(
         return path, cached
     build_kwargs.setdefault("timing_cache", cache_dir / "timing.cache")
     built = build_engine(onnx_path, path, precision, max_batch, device=device, **build_kwargs)
-    _atomic_write(_key_path(path), json.dumps(built.to_dict(), sort_keys=True).encode())
+    atomic_write_bytes(_key_path(path), json.dumps(built.to_dict(), sort_keys=True).encode())
     return path, built

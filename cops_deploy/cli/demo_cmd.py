@@ -100,8 +100,8 @@ def run(args: argparse.Namespace) -> int:
         format_mean_row,
         write_eval_outputs,
     )
+    from cops_deploy.fileio import atomic_write_bytes
     from cops_deploy.model.factory import create_model, load_model
-    from cops_deploy.model.weights import atomic_write_bytes
     from cops_deploy.train.trainer import TrainCfg, train
 
     start = time.perf_counter()

@@ -7,9 +7,7 @@ Unreadable files are reported by name and skipped; the others are still processe
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cops_deploy.errors import CopsError, ImageReadError
+from cops_deploy.fileio import atomic_write_text
 from cops_deploy.runtime.images import iter_image_files, load_image
 from cops_deploy.runtime.visualize import side_by_side
 
@@ -56,17 +55,6 @@ def _png_name(index: int, path: Path, used: set[str]) -> str:
         name = f"{path.stem}_{index:05d}.png"
     used.add(name)
     return name
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".scores.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def run_predict(
@@ -117,9 +105,8 @@ def run_predict(
             flush()
     flush()
     bar.close()
-    _write_json(
-        out / SCORES_FILE, {**(info or {}), "results": report.results, "failures": report.failures}
-    )
+    payload = {**(info or {}), "results": report.results, "failures": report.failures}
+    atomic_write_text(out / SCORES_FILE, json.dumps(payload, indent=2))
     print(
         f"wrote {len(report.results)} result(s) to {out}"
         + (f"; {len(report.failures)} file(s) failed" if report.failures else "")

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cops_deploy.errors import DatasetError
+from cops_deploy.fileio import atomic_write_text
 
 META_FILENAME = "meta.json"
 SPLITS: tuple[str, ...] = ("train", "test")
@@ -155,16 +155,7 @@ def write_meta(root: str | os.PathLike[str], meta: Meta) -> Path:
         )
     validate_meta(meta, str(target))
     text = json.dumps(meta, indent=4) + "\n"
-    fd, tmp_name = tempfile.mkstemp(prefix=".meta.json.", suffix=".tmp", dir=root)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write_text(target, text)
     return target
 
 

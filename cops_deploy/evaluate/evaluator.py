@@ -298,7 +298,7 @@ def write_eval_outputs(
     title: str | None = None,
 ) -> dict[str, Path]:
     """Write results.{md,csv,json}, scores.csv and overlays/<class>.png into ``out``."""
-    from cops_deploy.model.weights import atomic_write_bytes
+    from cops_deploy.fileio import atomic_write_bytes
 
     out = Path(out)
     info = {

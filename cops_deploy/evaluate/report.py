@@ -26,7 +26,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, TypeAlias
@@ -37,6 +36,7 @@ from PIL import Image, ImageDraw
 
 from cops_deploy.errors import ConfigError
 from cops_deploy.evaluate.metrics import IMAGE_METRICS, PIXEL_METRICS
+from cops_deploy.fileio import atomic_write_bytes
 from cops_deploy.runtime.images import ImageSource, load_image, resize_map
 from cops_deploy.runtime.visualize import check_alpha, colorize
 
@@ -204,20 +204,6 @@ def _make_dir(folder: Path) -> None:
         ) from exc
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and os.replace."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
 def write_results(
     results: Results,
     out_dir: PathInput,
@@ -255,9 +241,9 @@ def write_results(
     _make_dir(out)
     files = ResultFiles(out / "results.md", out / "results.csv", out / "results.json")
     md_text = format_markdown(table, columns, title=title, meta=meta, decimals=decimals)
-    _atomic_write(files.markdown, md_text.encode("utf-8"))
-    _atomic_write(files.csv, _csv_text(table, columns).encode("utf-8"))
-    _atomic_write(files.json, json_text.encode("utf-8"))
+    atomic_write_bytes(files.markdown, md_text.encode("utf-8"))
+    atomic_write_bytes(files.csv, _csv_text(table, columns).encode("utf-8"))
+    atomic_write_bytes(files.json, json_text.encode("utf-8"))
     return files
 
 
@@ -414,5 +400,5 @@ def overlay_grid(
     _make_dir(path.parent)
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")
-    _atomic_write(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
     return path

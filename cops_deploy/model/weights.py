@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +17,7 @@ import torch
 
 from cops_deploy.configs import CopsCfg, config_from_dict
 from cops_deploy.errors import MissingDependencyError, WeightsError
+from cops_deploy.fileio import atomic_write_bytes
 
 # Entries an OpenAI CLIP file may carry besides the weights (METHOD.md section 6).
 OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -184,19 +183,6 @@ def read_reference_cops(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(sd, Mapping):
         raise WeightsError(f"{path}: {REFERENCE_KEY!r} is a {type(sd).__name__}, not a state dict")
     return {k: v.float() for k, v in sd.items()}
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_safetensors(

@@ -7,16 +7,16 @@ each map over its own min..max instead (shows structure, hides the absolute leve
 
 from __future__ import annotations
 
-import contextlib
+import io
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from cops_deploy.errors import ConfigError
+from cops_deploy.fileio import atomic_write_bytes
 from cops_deploy.runtime.images import _check_map, load_image, resize_map
 
 __all__ = ["JET_LUT", "colorize", "overlay", "side_by_side"]
@@ -226,15 +226,7 @@ def side_by_side(
 
 
 def _save_png_atomic(img: Image.Image, out: Path) -> None:
-    """Write ``img`` as PNG to a temporary file in out's directory, then rename it to ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            img.save(fh, format="PNG")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Encode ``img`` as PNG and write it to ``out`` atomically."""
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    atomic_write_bytes(out, buffer.getvalue(), mode=0o644)

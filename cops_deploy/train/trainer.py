@@ -173,7 +173,7 @@ def _run_config(cfg: TrainCfg, model: CopsModel, data: MetaDataset) -> dict[str,
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    from cops_deploy.model.weights import atomic_write_bytes
+    from cops_deploy.fileio import atomic_write_bytes
 
     atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())
 
@@ -233,7 +233,7 @@ def _truncate_log(path: Path, last_epoch: int) -> None:
             continue  # a line cut short by the interruption
         if isinstance(record, dict) and record.get("epoch", 0) <= last_epoch:
             kept.append(line)
-    from cops_deploy.model.weights import atomic_write_bytes
+    from cops_deploy.fileio import atomic_write_bytes
 
     atomic_write_bytes(path, "".join(f"{line}\n" for line in kept).encode())
 
