@@ -362,32 +362,38 @@ class BundleWriter:
         self.manifest = manifest
 
     def _move_into_place(self, tmp: Path) -> None:
-        out = self.out_dir
         self._check_target()
-        if not out.exists() and not out.is_symlink():
-            os.rename(tmp, out)
-            _fsync_dir(out.parent)
-            return
-        aside = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:12]}"
-        os.rename(out, aside)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            os.rename(aside, out)
-            raise
+        replace_dir(tmp, self.out_dir, what="bundle")
+
+
+def replace_dir(tmp: Path, out: Path, what: str = "folder") -> None:
+    """Rename the finished folder ``tmp`` to ``out``. An existing ``out`` is renamed aside first
+    and put back if the rename fails, so a failure never leaves neither; the old one is then
+    deleted (a warning, not an error, if that fails)."""
+    if not out.exists() and not out.is_symlink():
+        os.rename(tmp, out)
         _fsync_dir(out.parent)
-        try:
-            if aside.is_dir() and not aside.is_symlink():
-                shutil.rmtree(aside)
-            else:
-                aside.unlink()
-        except OSError as exc:
-            warnings.warn(
-                f"new bundle is in place at {out}, but the old one could not be deleted from "
-                f"{aside}: {exc}. Remove it by hand.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        return
+    aside = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:12]}"
+    os.rename(out, aside)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(aside, out)
+        raise
+    _fsync_dir(out.parent)
+    try:
+        if aside.is_dir() and not aside.is_symlink():
+            shutil.rmtree(aside)
+        else:
+            aside.unlink()
+    except OSError as exc:
+        warnings.warn(
+            f"new {what} is in place at {out}, but the old one could not be deleted from "
+            f"{aside}: {exc}. Remove it by hand.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _jsonable(value: Any) -> Any:

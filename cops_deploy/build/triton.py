@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cops_deploy.build.bundle_writer import onnx_external_data_files
+from cops_deploy.build.bundle_writer import onnx_external_data_files, replace_dir
 from cops_deploy.errors import BundleError, ConfigError, MissingDependencyError
 from cops_deploy.runtime.bundle import Bundle, open_bundle
 
@@ -306,23 +306,8 @@ def write_triton_repository(
             (tmp / model / "config.pbtxt").write_text(config, encoding="utf-8")
         (tmp / ENSEMBLE_MODEL / "1").mkdir(parents=True)
         (tmp / ENSEMBLE_MODEL / "config.pbtxt").write_text(ensemble, encoding="utf-8")
-        _move_into_place(tmp, out)
+        replace_dir(tmp, out, what="Triton repository")
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` (checked before) is moved aside first."""
-    if not out.exists() and not out.is_symlink():
-        os.rename(tmp, out)
-        return
-    aside = out.parent / f".{out.name}.old-{os.getpid()}"
-    os.rename(out, aside)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(aside, out)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
