@@ -8,7 +8,9 @@ file is removed and the target is untouched.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -37,3 +39,29 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | No
 def atomic_write_text(path: str | os.PathLike[str], text: str, mode: int | None = None) -> Path:
     """``atomic_write_bytes`` for UTF-8 text."""
     return atomic_write_bytes(path, text.encode("utf-8"), mode)
+
+
+def prepare_output_dir(out: Path, force: bool, owned: Iterable[str], replace_hint: str) -> None:
+    """Create the output folder ``out``. A non-empty one is refused unless ``force``; with it,
+    only the entries named in ``owned`` (this command's own outputs) are removed first.
+
+    ``replace_hint`` ends the refusal's fix, e.g. "replace the previous demo in it".
+    """
+    from cops_deploy.errors import ConfigError
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder. Fix: choose a folder path.")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            shown = ", ".join(sorted(p.name for p in out.iterdir())[:5])
+            raise ConfigError(
+                f"--out {out} is not empty (holds {shown}). Fix: choose a new or empty folder, "
+                f"or pass --force to {replace_hint}."
+            )
+        for name in owned:
+            target = out / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)

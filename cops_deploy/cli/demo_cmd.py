@@ -17,12 +17,9 @@ does on this toy problem, not the accuracy of CoPS.
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
 from pathlib import Path
 from typing import Any
-
-from cops_deploy.errors import ConfigError
 
 TRAIN_CLASSES: tuple[str, ...] = ("stripes", "noise", "disc", "pcb")
 HELD_OUT_CLASSES: tuple[str, ...] = ("weave", "screw")
@@ -53,22 +50,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _prepare(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a folder. Fix: choose a folder path.")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            shown = ", ".join(sorted(p.name for p in out.iterdir())[:5])
-            raise ConfigError(
-                f"--out {out} is not empty (holds {shown}). Fix: pass --force to replace the "
-                "previous demo in it, or choose a new folder."
-            )
-        for name in DEMO_OUTPUTS:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            else:
-                target.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    from cops_deploy.fileio import prepare_output_dir
+
+    prepare_output_dir(out, force, DEMO_OUTPUTS, "replace the previous demo in it")
 
 
 def _summary(rows: list[tuple[str, dict[str, float | None]]], out: Path, seconds: float) -> str:

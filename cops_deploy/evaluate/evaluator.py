@@ -26,7 +26,6 @@ import io
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -44,6 +43,7 @@ from cops_deploy.errors import ConfigError, WeightsError
 from cops_deploy.evaluate.metrics import IMAGE_METRICS, PIXEL_METRICS, PixelMetricAccumulator
 from cops_deploy.evaluate.metrics import image_metrics as compute_image_metrics
 from cops_deploy.evaluate.report import mean_over_classes, overlay_grid, write_results
+from cops_deploy.fileio import prepare_output_dir
 from cops_deploy.model.cops import CopsModel
 from cops_deploy.train.dataset import MetaDataset
 from cops_deploy.train.policy import canonical_dataset
@@ -263,19 +263,9 @@ def evaluate_model(
 
 def prepare_out_dir(out: Path, force: bool) -> None:
     """Create ``out``; refuse a non-empty one unless ``force`` (which clears our outputs)."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a folder. Fix: choose a folder path.")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            shown = ", ".join(sorted(p.name for p in out.iterdir())[:5])
-            raise ConfigError(
-                f"--out {out} is not empty (holds {shown}). Fix: choose a new or empty folder, "
-                "or pass --force to replace the evaluation results in it."
-            )
-        for name in REPORT_FILES:
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / OVERLAY_DIR, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(
+        out, force, (*REPORT_FILES, OVERLAY_DIR), "replace the evaluation results in it"
+    )
 
 
 def _scores_csv(records: Sequence[ImageRecord]) -> bytes:
