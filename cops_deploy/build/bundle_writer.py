@@ -45,7 +45,7 @@ from cops_deploy.runtime.bundle import (
     sha256_file,
 )
 
-__all__ = ["BundleWriter", "onnx_external_data_files"]
+__all__ = ["BundleWriter", "onnx_external_data_files", "onnx_tensors"]
 
 _PathLike = str | os.PathLike[str]
 _UNSET: Any = object()
@@ -67,12 +67,12 @@ def onnx_external_data_files(onnx_path: _PathLike) -> list[str]:
     except Exception as exc:  # onnx raises DecodeError and others without a common base
         raise BundleError(f"cannot read ONNX file {onnx_path}: {exc}") from exc
     locations = {
-        ExternalDataInfo(t).location for t in _onnx_tensors(model.graph) if uses_external_data(t)
+        ExternalDataInfo(t).location for t in onnx_tensors(model.graph) if uses_external_data(t)
     }
     return sorted(locations)
 
 
-def _onnx_tensors(graph: Any) -> Iterable[Any]:
+def onnx_tensors(graph: Any) -> Iterable[Any]:
     """Every TensorProto of a graph: initializers, sparse ones, and attributes, recursively."""
     yield from graph.initializer
     for sparse in graph.sparse_initializer:
@@ -84,9 +84,9 @@ def _onnx_tensors(graph: Any) -> Iterable[Any]:
                 yield attr.t
             yield from attr.tensors
             if attr.HasField("g"):
-                yield from _onnx_tensors(attr.g)
+                yield from onnx_tensors(attr.g)
             for sub in attr.graphs:
-                yield from _onnx_tensors(sub)
+                yield from onnx_tensors(sub)
 
 
 class BundleWriter:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cops_deploy.build.fused_ops import fused_attention
 from cops_deploy.configs import CopsCfg
 from cops_deploy.errors import ConfigError
 from cops_deploy.model.clip import causal_mask
@@ -43,6 +44,7 @@ from cops_deploy.runtime.bundle import TensorSpec
 
 __all__ = [
     "BATCH_DIM",
+    "FUSED_ATTN",
     "DeployModel",
     "HeadGraph",
     "VisionGraph",
@@ -51,6 +53,7 @@ __all__ = [
 ]
 
 BATCH_DIM = "batch"
+FUSED_ATTN = "ort_mha"  # VisionGraph only: attention as one com.microsoft.MultiHeadAttention node
 # Additive mask value: exp(MASKED - max) is exactly 0 in float32, as with -inf, but it stays
 # finite for kernels that dislike infinities.
 MASKED = torch.finfo(torch.float32).min
@@ -104,9 +107,18 @@ def _qkv(
     block: ResidualAttentionBlock, h: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-head q, k, v (..., H, L, D) of a block's (already normalised) input (..., L, W)."""
+    q, k, v = _qkv_merged(block, h)
+    heads = block.attn.heads
+    return _split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads)
+
+
+def _qkv_merged(
+    block: ResidualAttentionBlock, h: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (..., L, W), heads not split, of a block's (already normalised) input."""
     attn = block.attn
     q, k, v = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-    return _split_heads(q, attn.heads), _split_heads(k, attn.heads), _split_heads(v, attn.heads)
+    return q, k, v
 
 
 def _project(block: ResidualAttentionBlock, heads_out: torch.Tensor) -> torch.Tensor:
@@ -126,12 +138,20 @@ class _Graph(nn.Module):
     output_names: tuple[str, ...] = ()
     fp32_buffers: tuple[str, ...] = ()  # names of buffers an FP16 cast must leave in float32
 
+    attn_impls: tuple[str, ...] = ATTN_IMPLS
+
     def __init__(self, attn_impl: str = "explicit") -> None:
         super().__init__()
-        if attn_impl not in ATTN_IMPLS:
+        if attn_impl not in self.attn_impls:
             raise ConfigError(
-                f"attn_impl must be one of {list(ATTN_IMPLS)}, got {attn_impl!r}; 'explicit' is "
-                f"the exported form, 'sdpa' the fast torch backend."
+                f"attn_impl must be one of {list(self.attn_impls)} for {type(self).__name__}, "
+                f"got {attn_impl!r}; 'explicit' is the portable exported form, 'sdpa' the fast "
+                f"torch backend"
+                + (
+                    f", {FUSED_ATTN!r} the ONNX Runtime variant."
+                    if FUSED_ATTN in self.attn_impls
+                    else "."
+                )
             )
         self.compute_dtype = torch.float32
         self.attn_impl = attn_impl
@@ -145,11 +165,13 @@ class VisionGraph(_Graph):
     """CLIP V-VV image tower: (B, 3, S, S) float32 -> (image_embedding (B, E), patch_embedding
     (B, N, E)), both float32. Shares its parameters with ``model``.
 
-    ``attn_impl``: "explicit" (default; what is exported) or "sdpa" (torch backend).
+    ``attn_impl``: "explicit" (default; the portable exported form), "sdpa" (torch backend) or
+    "ort_mha" (exports ``com.microsoft.MultiHeadAttention``: the ONNX Runtime variant).
     """
 
     input_names = ("image",)
     output_names = ("image_embedding", "patch_embedding")
+    attn_impls = (*ATTN_IMPLS, FUSED_ATTN)
 
     def __init__(self, model: CopsModel, attn_impl: str = "explicit") -> None:
         super().__init__(attn_impl)
@@ -192,9 +214,19 @@ class VisionGraph(_Graph):
 
     def _plain_block(self, block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
         """An ordinary CLIP block (before the first V-VV block)."""
-        q, k, v = _qkv(block, _layer_norm(block.ln_1, x, x.dtype))  # (B, H, L, D)
-        x = x + _project(block, _attention(q, k, v, block.attn.scale, None, self.attn_impl))
+        q, k, v = _qkv_merged(block, _layer_norm(block.ln_1, x, x.dtype))  # (B, L, W)
+        x = x + block.attn.out_proj(self._attend(block, q, k, v))
         return _mlp_residual(block, x)
+
+    def _attend(
+        self, block: ResidualAttentionBlock, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """Multi-head attention on merged-head (B, L, W) tensors -> (B, Lq, W)."""
+        attn = block.attn
+        if self.attn_impl == FUSED_ATTN:
+            return fused_attention(q, k, v, attn.heads, attn.scale)
+        heads = (_split_heads(t, attn.heads) for t in (q, k, v))
+        return _merge_heads(_attention(*heads, attn.scale, None, self.attn_impl))
 
     def _dual_block(
         self,
@@ -211,14 +243,14 @@ class VisionGraph(_Graph):
         if cls_only:
             w_q, w_kv = attn.in_proj_weight.split([attn.width, 2 * attn.width])
             b_q, b_kv = attn.in_proj_bias.split([attn.width, 2 * attn.width])
-            q = _split_heads(F.linear(h[:, :1], w_q, b_q), attn.heads)  # (B, H, 1, D)
-            k, v = (_split_heads(t, attn.heads) for t in F.linear(h, w_kv, b_kv).chunk(2, -1))
+            q = F.linear(h[:, :1], w_q, b_q)  # (B, 1, W)
+            k, v = F.linear(h, w_kv, b_kv).chunk(2, -1)  # (B, L, W)
             x_ori = x_ori[:, :1]  # (B, 1, W)
         else:
-            q, k, v = _qkv(block, h)  # (B, H, L, D)
+            q, k, v = _qkv_merged(block, h)  # (B, L, W)
         if need_vv:
-            x = x + _project(block, _attention(v, v, v, attn.scale, None, self.attn_impl))
-        x_ori = x_ori + _project(block, _attention(q, k, v, attn.scale, None, self.attn_impl))
+            x = x + attn.out_proj(self._attend(block, v, v, v))
+        x_ori = x_ori + attn.out_proj(self._attend(block, q, k, v))
         return x, _mlp_residual(block, x_ori)
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cops_deploy.build.fused_ops import onnx_translation_table
 from cops_deploy.build.graphs import BATCH_DIM
 from cops_deploy.configs import CopsCfg
 from cops_deploy.errors import ConfigError, CopsError, MissingDependencyError
@@ -38,9 +39,11 @@ __all__ = [
     "check_onnx",
     "compare_with_onnxruntime",
     "export_onnx",
+    "export_ort_variant",
     "onnxruntime_session",
     "pipeline_parity",
     "run_onnxruntime",
+    "share_external_data",
     "synthetic_images",
 ]
 
@@ -142,6 +145,7 @@ def export_onnx(
                 dynamo=True,
                 external_data=external_data,
                 dynamic_shapes=dynamic_shapes,
+                custom_translation_table=onnx_translation_table(),
                 verbose=False,
             )
     except Exception as exc:  # the exporter raises many unrelated types
@@ -382,3 +386,83 @@ def pipeline_parity(
         "image_embedding_max_abs": diff(vision["image_embedding"], ref.image_embedding),
         "patch_embedding_max_abs": diff(vision["patch_embedding"], ref.patch_embedding),
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# ONNX Runtime variant sharing the portable graph's weights
+
+
+def share_external_data(
+    variant: str | os.PathLike[str],
+    base: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+) -> Path:
+    """Write ``variant``'s graph to ``out`` with its external tensors pointing into ``base``'s
+    external-data file(s), so that two graphs of one model share one copy of the weights.
+
+    ``out`` must sit in ``base``'s directory. Every external tensor of ``variant`` must have a
+    byte-identical tensor (same type and shape) in ``base``; tensors are matched by content, so
+    names given by constant folding do not matter. Raises ExportError naming the first tensor
+    without a twin. ``variant``'s own external-data file is left alone (delete it yourself).
+    """
+    import hashlib
+
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    from cops_deploy.build.bundle_writer import onnx_tensors
+
+    variant, base, out = Path(variant), Path(base), Path(out)
+    if out.parent.resolve() != base.parent.resolve():
+        raise ConfigError(f"{out} must sit beside {base}: external data is found relative to it.")
+
+    def external(model: Any, where: Path) -> list[tuple[Any, ExternalDataInfo, str]]:
+        tensors = []
+        for tensor in onnx_tensors(model.graph):
+            if not uses_external_data(tensor):
+                continue
+            info = ExternalDataInfo(tensor)
+            with open(where.parent / info.location, "rb") as fh:
+                fh.seek(info.offset or 0)
+                data = fh.read(info.length) if info.length else fh.read()
+            key = f"{tensor.data_type}:{list(tensor.dims)}:{hashlib.sha256(data).hexdigest()}"
+            tensors.append((tensor, info, key))
+        return tensors
+
+    base_model = onnx.load(str(base), load_external_data=False)
+    model = onnx.load(str(variant), load_external_data=False)
+    twins = {key: info for _, info, key in external(base_model, base)}
+    for tensor, _, key in external(model, variant):
+        twin = twins.get(key)
+        if twin is None:
+            raise ExportError(
+                f"{variant}: tensor {tensor.name!r} (type {tensor.data_type}, shape "
+                f"{list(tensor.dims)}) has no byte-identical twin in {base}; the two graphs do "
+                f"not hold the same weights. Fix: export both from the same model."
+            )
+        del tensor.external_data[:]
+        for field in ("location", "offset", "length"):
+            value = getattr(twin, field)
+            if value is not None:
+                tensor.external_data.add(key=field, value=str(value))
+    onnx.save(model, str(out))
+    return out
+
+
+def export_ort_variant(
+    vision: nn.Module,
+    base: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    example: Sequence[torch.Tensor],
+    opset: int = DEFAULT_OPSET,
+) -> Path:
+    """Export ``vision`` (a VisionGraph with ``attn_impl="ort_mha"``) as ``out``: the ONNX
+    Runtime variant of the portable graph ``base``, sharing ``base``'s external data."""
+    import tempfile
+
+    out = Path(out)
+    with tempfile.TemporaryDirectory(prefix=".ort-variant-", dir=out.parent) as tmp:
+        exported = export_onnx(vision, Path(tmp) / out.name, example, opset=opset, check=False)
+        share_external_data(exported, base, out)
+    check_onnx(out, vision.input_names, vision.output_names)
+    return out

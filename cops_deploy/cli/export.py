@@ -5,7 +5,8 @@
     cops-export --model cops-tiny --random-weights --out /tmp/smoke         # smoke bundle
     cops-export --engine trt --bundle bundles/mvtec --force                 # engines on this GPU
 
-Stages: loading the model, building graphs, exporting vision, exporting head, checking, fp16
+Stages: loading the model, building graphs, exporting vision, exporting head, ort variant (fp32:
+the vision graph with fused ONNX Runtime attention, sharing vision.onnx.data), checking, fp16
 (islands check), engine, measuring parity, writing bundle (atomic), and the Triton repository
 with ``--triton``. Without weights it refuses unless ``--random-weights`` (the manifest then
 says so). Failures print one message naming what failed and exit with status 2.
@@ -30,6 +31,7 @@ __all__ = ["build_parser", "main"]
 PROG = "cops-export"
 ENGINES = ("onnx", "trt")
 PRECISIONS = ("fp32", "fp16")
+VISION_ORT = "vision.ort.onnx"  # the ONNX Runtime variant of vision.onnx (same weights file)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=2,
         help="synthetic images for the ONNX Runtime parity check (default 2)",
+    )
+    p.add_argument(
+        "--no-ort-variant",
+        action="store_true",
+        help="fp32: leave out the ONNX Runtime variant of the vision graph (fused "
+        "com.microsoft attention sharing the portable graph's weights; ONNX Runtime runs it "
+        "by default, TensorRT always builds from the portable graph)",
     )
     p.add_argument("--opset", type=int, default=20, help="ONNX opset (default 20)")
     p.add_argument("--alpha", type=float, help="override head.alpha (SAGA weight)")
@@ -152,6 +161,7 @@ STAGES = (
     "building graphs",
     "exporting vision",
     "exporting head",
+    "ort variant",
     "checking",
     "fp16",
     "engine",
@@ -231,6 +241,7 @@ def _provenance(model: Any, allow_random: bool) -> Any:
 def _export(args: argparse.Namespace) -> int:
     _check_args(args)
     from cops_deploy.build.bundle_writer import BundleWriter
+    from cops_deploy.runtime.bundle import ort_variant_role
 
     progress = _Progress(STAGES if args.triton else STAGES[:-1])
     out = args.out
@@ -240,6 +251,9 @@ def _export(args: argparse.Namespace) -> int:
             progress.begin("writing bundle")
             writer.add_onnx(Path(work) / "vision.onnx", role="vision_onnx")
             writer.add_onnx(Path(work) / "head.onnx", role="head_onnx")
+            variant = Path(work) / VISION_ORT
+            if variant.is_file():  # shares vision.onnx.data: no companions of its own
+                writer.add_file(variant, role=ort_variant_role("vision"))
             for graph, key in keys.items():
                 writer.add_engine(Path(work) / f"{graph}.engine", key, name=f"{graph}.engine")
             if args.torch_weights:
@@ -265,7 +279,12 @@ def _export_into(
 
     from cops_deploy import create_model
     from cops_deploy.build import graphs as g
-    from cops_deploy.build.onnx_export import check_onnx, export_onnx, pipeline_parity
+    from cops_deploy.build.onnx_export import (
+        check_onnx,
+        export_onnx,
+        export_ort_variant,
+        pipeline_parity,
+    )
     from cops_deploy.build.onnx_export import synthetic_images as images_for
 
     with progress.stage("loading model"):
@@ -293,6 +312,19 @@ def _export_into(
     for name, graph in (("vision", vision), ("head", head)):
         with progress.stage(f"exporting {name}"), torch.no_grad():
             export(graph, paths[name], g.example_inputs(name, cfg), opset=args.opset, check=False)
+    variant = None
+    if args.precision != "fp32" or args.no_ort_variant:
+        why = "--no-ort-variant" if args.no_ort_variant else f"precision {args.precision}"
+        progress.skip("ort variant", why)
+    else:
+        with progress.stage("ort variant"), torch.no_grad():
+            variant = export_ort_variant(
+                g.VisionGraph(model, attn_impl=g.FUSED_ATTN),
+                paths["vision"],
+                work / VISION_ORT,
+                g.example_inputs("vision", cfg),
+                opset=args.opset,
+            )
     with progress.stage("checking"):
         for name, graph in (("vision", vision), ("head", head)):
             check_onnx(paths[name], graph.input_names, graph.output_names)
@@ -308,16 +340,21 @@ def _export_into(
     else:
         progress.skip("engine", "--engine onnx")
     with progress.stage("measuring parity"):
-        parity = pipeline_parity(
-            model, paths["vision"], paths["head"], images_for(cfg, args.parity_images)
-        )
+        images = images_for(cfg, args.parity_images)
+        parity = pipeline_parity(model, paths["vision"], paths["head"], images)
         parity["precision"] = args.precision
-        print(
-            f"    ONNX Runtime vs PyTorch: anomaly map max diff "
-            f"{parity['anomaly_map_max_abs']:.3g}, score max diff "
-            f"{parity['pred_score_max_abs']:.3g}"
-        )
+        _print_parity("ONNX Runtime vs PyTorch", parity)
+        if variant is not None:
+            parity["ort_variant"] = pipeline_parity(model, variant, paths["head"], images)
+            _print_parity("ONNX Runtime variant vs PyTorch", parity["ort_variant"])
     return _metadata(cfg, provenance, parity, args), keys
+
+
+def _print_parity(what: str, parity: dict[str, Any]) -> None:
+    print(
+        f"    {what}: anomaly map max diff {parity['anomaly_map_max_abs']:.3g}, score max "
+        f"diff {parity['pred_score_max_abs']:.3g}"
+    )
 
 
 def _check_islands(paths: dict[str, Path]) -> None:

@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from cops_deploy.errors import BundleError, ConfigError, CopsError, MissingDependencyError
-from cops_deploy.runtime.bundle import Bundle, EngineKey, GraphIO, TensorSpec
+from cops_deploy.runtime.bundle import Bundle, EngineKey, GraphIO, TensorSpec, ort_variant_role
 
 __all__ = [
     "ANOMALY_MAP",
@@ -51,6 +51,7 @@ __all__ = [
     "TORCH_INSTALL",
     "TRT_INSTALL",
     "Backend",
+    "ORT_VARIANTS",
     "OnnxRuntimeBackend",
     "TensorRTBackend",
     "TorchBackend",
@@ -357,6 +358,26 @@ def default_ort_providers(available: Sequence[str]) -> list[str]:
     return [_CPU_PROVIDER]
 
 
+ORT_VARIANTS = ("auto", "portable", "ort")
+
+
+def _ort_graph_path(bundle: Bundle, graph: str, io: GraphIO, variant: str) -> Path:
+    """The ONNX file an ONNX Runtime session of ``graph`` loads (see OnnxRuntimeBackend)."""
+    if variant not in ORT_VARIANTS:
+        raise ConfigError(
+            f"invalid ONNX Runtime variant {variant!r}; valid: {list(ORT_VARIANTS)} ('auto' "
+            f"runs the fused variant when the bundle has one)."
+        )
+    fused = None if variant == "portable" else bundle.ort_variant(graph)
+    if variant == "ort" and fused is None:
+        raise BundleError(
+            f"bundle {bundle.root} has no ONNX Runtime variant of graph {graph!r} (role "
+            f"{ort_variant_role(graph)!r}). Fix: re-export it with cops-export (fp32 bundles "
+            f"carry one unless --no-ort-variant), or pass variant='auto'."
+        )
+    return fused if fused is not None else bundle.root / io.file
+
+
 class OnnxRuntimeBackend(Backend):
     """One bundle graph in an ONNX Runtime ``InferenceSession``.
 
@@ -367,6 +388,10 @@ class OnnxRuntimeBackend(Backend):
             onnxruntime-gpu offers CUDA, else CPU. ``provider`` says which one the session got
             (ONNX Runtime falls back to CPU when CUDA cannot start).
         threads: intra-op threads; None lets ONNX Runtime use one per core.
+        variant: which ONNX file runs. "auto" (default): the bundle's ONNX Runtime variant of
+            the graph when it has one (fused ``com.microsoft`` attention, same weights; about 6%
+            faster end to end on CPU), else the portable graph. "portable": always the portable
+            graph (the one TensorRT builds from). "ort": the variant, BundleError without one.
     """
 
     kind = "onnxruntime"
@@ -378,10 +403,11 @@ class OnnxRuntimeBackend(Backend):
         graph: str,
         providers: Sequence[str] | None = None,
         threads: int | None = None,
+        variant: str = "auto",
     ) -> None:
         self.graph = graph_io(bundle, graph)
         super().__init__(graph, self.graph.inputs, self.graph.outputs)
-        self.path = bundle.root / self.graph.file
+        self.path = _ort_graph_path(bundle, graph, self.graph, variant)
         self._providers = list(providers) if providers is not None else None
         self.threads = _check_threads(threads)
         self._session: Any = None

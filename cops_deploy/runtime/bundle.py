@@ -28,6 +28,7 @@ __all__ = [
     "INTERPOLATIONS",
     "MANIFEST_NAME",
     "REQUIRED_ROLES",
+    "ORT_VARIANT_SUFFIX",
     "ROLE_ENGINE",
     "ROLE_HEAD_ONNX",
     "ROLE_TABLE",
@@ -44,6 +45,7 @@ __all__ = [
     "TensorSpec",
     "check_relative_path",
     "external_data_role",
+    "ort_variant_role",
     "open_bundle",
     "sha256_file",
 ]
@@ -55,6 +57,9 @@ HASH_CHUNK_BYTES = 1 << 20
 ROLE_VISION_ONNX = "vision_onnx"
 ROLE_HEAD_ONNX = "head_onnx"
 ROLE_ENGINE = "engine"
+# Optional ONNX Runtime variant of a graph (com.microsoft fused ops), sharing the portable
+# graph's external data: role "<graph>_onnx_ort", e.g. "vision_onnx_ort".
+ORT_VARIANT_SUFFIX = "_onnx_ort"
 ROLE_TABLE = "table"
 REQUIRED_ROLES: tuple[str, ...] = (ROLE_VISION_ONNX, ROLE_HEAD_ONNX)
 
@@ -75,6 +80,11 @@ _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 def external_data_role(role: str) -> str:
     """Role given to the external-data companion(s) of an ONNX file with role ``role``."""
     return f"{role}_data"
+
+
+def ort_variant_role(graph: str) -> str:
+    """Role of the ONNX Runtime variant of ``graph`` ('vision' -> 'vision_onnx_ort')."""
+    return f"{graph}{ORT_VARIANT_SUFFIX}"
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -602,6 +612,17 @@ class Bundle:
             raise BundleError(
                 f"bundle file {path} is not a pickle-free .npy array ({exc}). {_REEXPORT}"
             ) from exc
+
+    def ort_variant(self, graph: str) -> Path | None:
+        """Path of the ONNX Runtime variant of ``graph`` (fused contrib ops, same weights as the
+        portable graph), or None when the bundle has none."""
+        matches = self.manifest.with_role(ort_variant_role(graph))
+        if len(matches) > 1:
+            raise BundleError(
+                f"bundle {self.root} lists {len(matches)} ONNX Runtime variants of graph "
+                f"{graph!r}: {[e.path for e in matches]}; valid: at most one. {_REEXPORT}"
+            )
+        return self.root / matches[0].path if matches else None
 
     def engine_key(self, engine: str | None = None) -> tuple[str, EngineKey]:
         """(file path, key) of ``engine`` (a listed engine path or role); None: the only engine."""
