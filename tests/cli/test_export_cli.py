@@ -98,6 +98,7 @@ def test_progress_is_printed_per_stage(smoke):
         "checking",
         "fp16: skipped",
         "engine: skipped",
+        "ort variant: done",
         "measuring parity",
         "writing bundle",
         "triton",
@@ -262,6 +263,8 @@ def test_fp16_bundle(tmp_path):
     assert "fp16: done" in out and "float16 matmuls" in out
     manifest = open_bundle(bundle, verify=True).manifest
     assert manifest.parity["precision"] == "fp16"
+    assert "ort variant: skipped (precision fp16)" in out
+    assert not manifest.with_role("vision_onnx_ort") and "ort_variant" not in manifest.parity
     assert 0 < manifest.parity["anomaly_map_max_abs"] < 5e-3
     assert manifest.parity["pred_score_max_abs"] < 5e-3
     assert {t.dtype for g in manifest.graphs.values() for t in (*g.inputs, *g.outputs)} == {
@@ -283,3 +286,67 @@ def test_torch_weights_let_every_backend_run_the_bundle(smoke):
     for a, b in zip(results["onnxruntime"], results["torch"], strict=True):
         assert abs(a.score - b.score) < TOL
         assert np.abs(a.anomaly_map - b.anomaly_map).max() < TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# The ONNX Runtime variant of the vision graph
+
+
+def test_ort_variant_shares_the_portable_weights(smoke):
+    """vision.ort.onnx: fused com.microsoft attention, no weights of its own (it points into
+    vision.onnx.data), listed and hashed in the manifest, its parity recorded."""
+    import onnx
+
+    from cops_deploy.build.bundle_writer import onnx_external_data_files
+
+    bundle = open_bundle(smoke["bundle"], verify=True)
+    variant = bundle.ort_variant("vision")
+    assert variant == smoke["bundle"] / "vision.ort.onnx"
+    assert onnx_external_data_files(variant) == ["vision.onnx.data"]
+    ops = [n.op_type for n in onnx.load(variant, load_external_data=False).graph.node]
+    portable = [n.op_type for n in onnx.load(smoke["bundle"] / "vision.onnx").graph.node]
+    heads = bundle.manifest.model_config["vision"]["layers"]
+    assert ops.count("MultiHeadAttention") >= heads and "Softmax" not in ops
+    assert "MultiHeadAttention" not in portable and portable.count("Softmax") >= heads
+    parity = bundle.manifest.parity["ort_variant"]
+    assert parity["anomaly_map_max_abs"] < TOL and parity["pred_score_max_abs"] < TOL
+    assert bundle.ort_variant("head") is None
+
+
+def test_ort_variant_matches_pytorch_and_the_portable_graph(smoke):
+    from cops_deploy.runtime.backends import OnnxRuntimeBackend
+
+    bundle = open_bundle(smoke["bundle"])
+    model = create_model("cops-tiny", seed=0)
+    images = synthetic_images(model.cfg, n=3, seed=5)
+    with torch.no_grad():
+        ref = model.forward_intermediates(images)
+    out = {}
+    for variant in ("auto", "portable", "ort"):
+        with OnnxRuntimeBackend(bundle, "vision", variant=variant) as backend:
+            out[variant] = backend.infer({"image": images.numpy()})
+            expected = "vision.onnx" if variant == "portable" else "vision.ort.onnx"
+            assert backend.path.name == expected
+    for variant, got in out.items():
+        for name in ("image_embedding", "patch_embedding"):
+            want = getattr(ref, name).numpy()
+            np.testing.assert_allclose(got[name], want, atol=TOL, rtol=0, err_msg=variant)
+
+
+def test_no_ort_variant_flag_and_variant_refusals(tmp_path):
+    from cops_deploy.errors import BundleError, ConfigError
+    from cops_deploy.runtime.backends import OnnxRuntimeBackend
+
+    bundle_dir = tmp_path / "plain"
+    code, out, err = run_cli(
+        "--model", "cops-tiny", "--random-weights", "--no-ort-variant", "--out", str(bundle_dir)
+    )
+    assert code == 0, err
+    assert "ort variant: skipped (--no-ort-variant)" in out
+    bundle = open_bundle(bundle_dir, verify=True)
+    assert bundle.ort_variant("vision") is None and "ort_variant" not in bundle.manifest.parity
+    assert OnnxRuntimeBackend(bundle, "vision").path.name == "vision.onnx"  # auto falls back
+    with pytest.raises(BundleError, match="no ONNX Runtime variant of graph 'vision'"):
+        OnnxRuntimeBackend(bundle, "vision", variant="ort")
+    with pytest.raises(ConfigError, match="invalid ONNX Runtime variant 'fused'"):
+        OnnxRuntimeBackend(bundle, "vision", variant="fused")
