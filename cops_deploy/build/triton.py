@@ -4,7 +4,8 @@
 
     out_dir/
       cops_vision/config.pbtxt   onnxruntime_onnx, dynamic batching, instance group
-      cops_vision/1/model.onnx   the bundle's vision graph (+ its external data, same name)
+      cops_vision/1/model.onnx   the bundle's vision graph, its ONNX Runtime variant when it has
+                                 one (+ its external data, same name)
       cops_head/config.pbtxt     the same for the head graph
       cops_head/1/model.onnx
       cops/config.pbtxt          ensemble: image -> cops_vision -> cops_head -> score, map
@@ -262,6 +263,7 @@ def write_triton_repository(
     instances: int = 1,
     kind: str = "KIND_GPU",
     force: bool = False,
+    ort_variant: bool = True,
 ) -> Path:
     """Write a Triton model repository for the bundle's vision and head graphs.
 
@@ -272,6 +274,8 @@ def write_triton_repository(
         instances: model instances per device (``instance_group.count``).
         kind: 'KIND_GPU' or 'KIND_CPU'.
         force: replace an existing repository at ``out_dir``.
+        ort_variant: serve a graph's ONNX Runtime variant (fused ``com.microsoft`` attention,
+            same weights, faster) when the bundle has one; False: always the portable graph.
 
     Returns:
         ``out_dir`` as a Path.
@@ -292,7 +296,8 @@ def write_triton_repository(
                 f"bundle {bundle.root} has no {graph!r} graph (graphs: "
                 f"{sorted(bundle.manifest.graphs)}). Fix: re-export the bundle."
             )
-        path = bundle.root / bundle.manifest.graphs[graph].file
+        path = bundle.ort_variant(graph) if ort_variant else None
+        path = path or bundle.root / bundle.manifest.graphs[graph].file
         sources[model] = (path, _graph_tensors(path))
     vision_io, head_io = sources[VISION_MODEL][1], sources[HEAD_MODEL][1]
     ensemble = _ensemble_config(vision_io, head_io, max_batch)

@@ -350,3 +350,21 @@ def test_no_ort_variant_flag_and_variant_refusals(tmp_path):
         OnnxRuntimeBackend(bundle, "vision", variant="ort")
     with pytest.raises(ConfigError, match="invalid ONNX Runtime variant 'fused'"):
         OnnxRuntimeBackend(bundle, "vision", variant="fused")
+
+
+def test_triton_serves_the_ort_variant(smoke):
+    """The Triton repository's vision model is the fused variant, with the shared weights file
+    copied beside it under the name it refers to, and it runs like the portable graph."""
+    import onnx
+
+    version = smoke["root"] / "triton" / "cops_vision" / "1"
+    assert sorted(p.name for p in version.iterdir()) == ["model.onnx", "vision.onnx.data"]
+    ops = {
+        n.op_type for n in onnx.load(version / "model.onnx", load_external_data=False).graph.node
+    }
+    assert "MultiHeadAttention" in ops
+    images = synthetic_images(create_model("cops-tiny", seed=0).cfg, n=2, seed=6).numpy()
+    got = run_onnxruntime(version / "model.onnx", {"image": images})
+    want = run_onnxruntime(smoke["bundle"] / "vision.onnx", {"image": images})
+    for name, value in want.items():
+        np.testing.assert_allclose(got[name], value, atol=TOL, rtol=0)
