@@ -87,13 +87,17 @@ def reference_backend(model: torch.nn.Module) -> BenchBackend:
     return BenchBackend("reference-eager", "fp32", run, batch1_only=True, keep=[ref])
 
 
-def onnxruntime_backend(bundle_dir: Path, precision: str, threads: int | None) -> BenchBackend:
-    """The bundle's vision and head graphs in ONNX Runtime (CPU), fed preprocessed images."""
+def onnxruntime_backend(
+    bundle_dir: Path, precision: str, threads: int | None, variant: str = "auto"
+) -> BenchBackend:
+    """The bundle's vision and head graphs in ONNX Runtime (CPU), fed preprocessed images.
+    ``variant``: as OnnxRuntimeBackend ('auto' runs the fused ONNX Runtime variant when the
+    bundle has one; 'portable' the graph TensorRT builds from)."""
     from cops_deploy.runtime.backends import OnnxRuntimeBackend
     from cops_deploy.runtime.bundle import open_bundle
 
     bundle = open_bundle(bundle_dir, verify=False)
-    vision = OnnxRuntimeBackend(bundle, "vision", threads=threads)
+    vision = OnnxRuntimeBackend(bundle, "vision", threads=threads, variant=variant)
     head = OnnxRuntimeBackend(bundle, "head", threads=threads)
     vision.activate()
     head.activate()
@@ -103,7 +107,8 @@ def onnxruntime_backend(bundle_dir: Path, precision: str, threads: int | None) -
         out = head.infer(emb)
         return out["pred_score"], out["anomaly_map"]
 
-    backend = BenchBackend("onnxruntime", precision, run, keep=[vision, head])
+    name = "onnxruntime-portable" if variant == "portable" else "onnxruntime"
+    backend = BenchBackend(name, precision, run, keep=[vision, head])
     backend.provider = vision.provider
     return backend
 

@@ -42,6 +42,7 @@ BACKENDS = [
     "reference-eager/fp32",
     "torch-eager/fp32",
     "torch-deploy/fp32",
+    "onnxruntime-portable/fp32",
     "onnxruntime/fp32",
     "onnxruntime/fp16",
     "torch-deploy/bf16",
@@ -175,8 +176,9 @@ def _make_backend(key: str, ctx: dict[str, Any], threads: int | None) -> BenchBa
         if precision == "bf16":
             deploy.vision = to_fp16(deploy.vision, torch.bfloat16)
         return torch_backend(name, deploy, precision)
-    if name == "onnxruntime":
-        return onnxruntime_backend(ctx["bundle_dirs"][precision], precision, threads)
+    if name in ("onnxruntime", "onnxruntime-portable"):
+        variant = "portable" if name == "onnxruntime-portable" else "auto"
+        return onnxruntime_backend(ctx["bundle_dirs"][precision], precision, threads, variant)
     if name == "tensorrt":
         try:
             import tensorrt  # noqa: F401
@@ -200,7 +202,7 @@ def test_backend(key, ctx, bench_opts):
     """Measure one backend: parity, AUROC, latency, throughput, memory."""
     plan, data = ctx["plan"], ctx["data"]
     name, precision = key.split("/")
-    if name == "onnxruntime" and precision not in ctx["bundle_dirs"]:  # export outside the
+    if name.startswith("onnxruntime") and precision not in ctx["bundle_dirs"]:  # export outside the
         out = ctx["bundles"] / f"{ctx['arch']}-{precision}"  # memory and time measurement
         ctx["bundle_dirs"][precision] = _export(ctx["arch"], precision, out)
     gc.collect()
