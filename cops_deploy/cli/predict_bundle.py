@@ -40,7 +40,10 @@ def predict_with_bundle(args: argparse.Namespace) -> int:
     batch_size = getattr(args, "batch_size", None)
     threads = getattr(args, "threads", None)
     backend = getattr(args, "backend", None) or "auto"
-    with Detector.open(args.bundle, backend=backend, threads=threads, verbose=True) as detector:
+    precision = getattr(args, "precision", None) or "fp32"
+    with Detector.open(
+        args.bundle, backend=backend, threads=threads, verbose=True, precision=precision
+    ) as detector:
         size = _batch_size(batch_size, detector.max_batch)
 
         def predict_batch(rgbs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -52,6 +55,7 @@ def predict_with_bundle(args: argparse.Namespace) -> int:
             "bundle": str(Path(args.bundle)),
             "backend": detector.backend_name,
             "provider": detector.provider,
+            "precision": precision,
             "threshold": detector.threshold,
         }
         report = run_predict(files, predict_batch, out, size, True, info)

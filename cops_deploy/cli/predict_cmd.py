@@ -28,8 +28,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     src.add_argument(
         "--backend",
         default="auto",
-        choices=["auto", "tensorrt", "onnxruntime", "torch"],
+        choices=["auto", "tensorrt", "onnxruntime", "openvino", "torch"],
         help="bundle backend (default: auto)",
+    )
+    src.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="bf16: the vision graph in bfloat16 on a CPU that has it (--backend openvino)",
     )
     src.add_argument("--model", default="cops-vit-l-14-336", help="architecture name")
     src.add_argument(
@@ -87,6 +93,11 @@ def run(args: argparse.Namespace) -> int:
         from cops_deploy.cli.predict_bundle import predict_with_bundle
 
         return predict_with_bundle(args)
+    if args.precision != "fp32":
+        raise CopsError(
+            f"--precision {args.precision} runs a bundle on --backend openvino; the PyTorch "
+            f"path is fp32. Fix: export a bundle (cops-export) and pass --bundle."
+        )
     from cops_deploy.cli.predict_common import prepare_out_dir, run_predict
     from cops_deploy.runtime.images import iter_image_files
 

@@ -1,4 +1,4 @@
-"""Inference backends for the two bundle graphs: ONNX Runtime, TensorRT and PyTorch.
+"""Inference backends for the two bundle graphs: ONNX Runtime, OpenVINO, TensorRT and PyTorch.
 
 Every backend follows one contract, as Polygraphy's runners do: it is context-managed
 (``with backend:`` activates and deactivates it), it publishes ``input_metadata`` (name ->
@@ -11,14 +11,16 @@ sequence (see :mod:`cops_deploy.runtime.detector`).
 
 Thread safety: ``OnnxRuntimeBackend`` runs concurrent ``infer`` calls in parallel (ONNX Runtime
 documents ``InferenceSession.run`` as thread-safe); ``TensorRTBackend`` (one execution context,
-one stream, reused device buffers) and ``TorchBackend`` serialise them with a lock.
+one stream, reused device buffers), ``OpenVinoBackend`` (one infer request) and ``TorchBackend``
+serialise them with a lock.
 
-Torch-free at import: ``onnxruntime``, ``tensorrt``, ``cuda-python`` and ``torch`` are imported
-inside ``activate()`` only; a missing one raises :class:`MissingDependencyError` with the
-install command.
+Torch-free at import: ``onnxruntime``, ``openvino``, ``tensorrt``, ``cuda-python`` and ``torch``
+are imported inside ``activate()`` only; a missing one raises :class:`MissingDependencyError`
+with the install command.
 
-Bundle files used: the ONNX graphs (``manifest.graphs[...].file``) for ONNX Runtime; the
-engines ``vision.engine`` / ``head.engine`` with their keys in ``manifest.engines`` for TensorRT;
+Bundle files used: the ONNX graphs (``manifest.graphs[...].file``, or a graph's ONNX Runtime
+variant) for ONNX Runtime; the portable ONNX graphs for OpenVINO; the engines ``vision.engine``
+/ ``head.engine`` with their keys in ``manifest.engines`` for TensorRT;
 for PyTorch, the file with role ``torch_model`` (a safetensors state dict of the whole
 CopsModel, CLIP included; a ``config.json`` companion may sit beside it), built with the
 architecture in ``manifest.model_config``.
@@ -44,6 +46,8 @@ __all__ = [
     "GRAPH_IO_NAMES",
     "IMAGE",
     "IMAGE_EMBEDDING",
+    "OPENVINO_INSTALL",
+    "OPENVINO_PRECISIONS",
     "ORT_INSTALL",
     "PATCH_EMBEDDING",
     "PRED_SCORE",
@@ -53,6 +57,7 @@ __all__ = [
     "Backend",
     "ORT_VARIANTS",
     "OnnxRuntimeBackend",
+    "OpenVinoBackend",
     "TensorRTBackend",
     "TorchBackend",
     "check_graph_names",
@@ -79,6 +84,8 @@ GRAPH_IO_NAMES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 TRT_INSTALL = "pip install 'cops-deploy[trt]'"
 ORT_INSTALL = "pip install onnxruntime (or 'cops-deploy[gpu]' for onnxruntime-gpu)"
 TORCH_INSTALL = "pip install torch"
+OPENVINO_INSTALL = "pip install 'cops-deploy[openvino]'"
+OPENVINO_PRECISIONS = ("fp32", "bf16")
 _CUDA_PROVIDER = "CUDAExecutionProvider"
 _CPU_PROVIDER = "CPUExecutionProvider"
 
@@ -457,6 +464,115 @@ class OnnxRuntimeBackend(Backend):
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = list(self.output_names)
         return dict(zip(names, self._session.run(names, feed), strict=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# OpenVINO
+
+
+def _import_openvino() -> Any:
+    try:
+        import openvino
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"the OpenVINO backend needs the 'openvino' package, which is not installed "
+            f"({exc}). Fix: {OPENVINO_INSTALL}"
+        ) from exc
+    return openvino
+
+
+class OpenVinoBackend(Backend):
+    """One bundle graph compiled by OpenVINO for the CPU (the portable ONNX graph, read as is).
+
+    Args:
+        bundle: the opened bundle.
+        graph: 'vision' or 'head'.
+        precision: 'fp32', or 'bf16': OpenVINO's ``INFERENCE_PRECISION_HINT`` runs the matmuls
+            and convolutions in bfloat16 on CPUs that have it (AVX512_BF16 or AMX); refused on a
+            CPU without (OpenVINO would silently run fp32).
+        threads: inference threads; None lets OpenVINO use one per core.
+        device: the OpenVINO device (default 'CPU').
+    """
+
+    kind = "openvino"
+    thread_safe = False  # one InferRequest, reused
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        graph: str,
+        precision: str = "fp32",
+        threads: int | None = None,
+        device: str = "CPU",
+    ) -> None:
+        self.graph = graph_io(bundle, graph)
+        super().__init__(graph, self.graph.inputs, self.graph.outputs)
+        if precision not in OPENVINO_PRECISIONS:
+            raise ConfigError(
+                f"invalid OpenVINO precision {precision!r}; valid: {list(OPENVINO_PRECISIONS)}."
+            )
+        self.path = bundle.root / self.graph.file
+        self.precision = precision
+        self.threads = _check_threads(threads)
+        self.device = device
+        self._compiled: Any = None
+        self._request: Any = None
+
+    @property
+    def provider(self) -> str:
+        return f"openvino {self.device} {self.precision}"
+
+    def _activate(self) -> None:
+        ov = _import_openvino()
+        core = ov.Core()
+        if self.device not in core.available_devices:
+            raise ConfigError(
+                f"OpenVINO device {self.device!r} is not available here; available: "
+                f"{core.available_devices}. Fix: pass device= one of them."
+            )
+        if self.precision == "bf16":
+            caps = core.get_property(self.device, "OPTIMIZATION_CAPABILITIES")
+            if "BF16" not in caps:
+                raise ConfigError(
+                    f"OpenVINO {self.device} has no bfloat16 support on this machine "
+                    f"(capabilities {list(caps)}; needs AVX512_BF16 or AMX). Fix: use "
+                    f"precision='fp32'."
+                )
+        config: dict[str, Any] = {
+            "INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32",
+            "PERFORMANCE_HINT": "LATENCY",
+        }
+        if self.threads is not None:
+            config["INFERENCE_NUM_THREADS"] = self.threads
+        try:
+            compiled = core.compile_model(core.read_model(str(self.path)), self.device, config)
+        except Exception as exc:  # OpenVINO raises RuntimeError and its own types
+            raise BundleError(
+                f"OpenVINO cannot load graph {self.name!r} from {self.path} "
+                f"({type(exc).__name__}: {exc}). Fix: re-export the bundle; check the "
+                f"openvino version ({ov.__version__}) reads the graph's opset."
+            ) from exc
+        _check_io_names(
+            "ONNX graph",
+            self.path,
+            self.graph,
+            [i.any_name for i in compiled.inputs],
+            [o.any_name for o in compiled.outputs],
+        )
+        self._compiled = compiled
+        self._request = compiled.create_infer_request()
+
+    def _deactivate(self) -> None:
+        self._request = None
+        self._compiled = None
+
+    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = self._request.infer(feed)
+        # The request reuses its output buffers: copy before the next call overwrites them.
+        return {
+            name: np.array(results[self._compiled.output(name)], copy=True)
+            for name in self.output_names
+        }
 
 
 # ----------------------------------------------------------------------------------------------

@@ -109,3 +109,23 @@ def test_through_the_cops_command(inputs: Path, bundle_dir: Path, tmp_path: Path
     assert main([*argv, "--backend", "onnxruntime"]) == 0
     assert len(json.loads((out / "scores.json").read_text())["results"]) == 3
     assert main(argv) == 2  # --out now holds results and --force is missing
+
+
+def test_openvino_bf16_through_the_cops_command(
+    inputs: Path, bundle_dir: Path, tmp_path: Path
+) -> None:
+    """--backend openvino --precision bf16 (where OpenVINO has bf16 on this CPU); --precision
+    bf16 is refused on another backend and without a bundle."""
+    main = pytest.importorskip("cops_deploy.cli.main").main
+    ov = pytest.importorskip("openvino")
+    argv = ["predict", str(inputs), "--bundle", str(bundle_dir)]
+    assert main([*argv, "--out", str(tmp_path / "o1"), "--precision", "bf16"]) == 2  # auto
+    no_bundle = ["predict", str(inputs), "--model", "cops-tiny", "--random-weights"]
+    assert main([*no_bundle, "--out", str(tmp_path / "o2"), "--precision", "bf16"]) == 2
+    if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        pytest.skip("this CPU has no bfloat16 support in OpenVINO")
+    out = tmp_path / "o3"
+    assert main([*argv, "--out", str(out), "--backend", "openvino", "--precision", "bf16"]) == 0
+    report = json.loads((out / "scores.json").read_text())
+    assert (report["backend"], report["precision"]) == ("openvino", "bf16")
+    assert len(report["results"]) == 3

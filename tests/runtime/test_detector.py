@@ -75,11 +75,13 @@ def test_auto_falls_back_to_torch(tiny_bundle: Path, monkeypatch) -> None:
     monkeypatch.setattr(
         detector,
         "_precheck",
-        lambda b, k: "pretend it is missing" if k == "onnxruntime" else real_precheck(b, k),
+        lambda b, k: (
+            "pretend it is missing" if k in ("onnxruntime", "openvino") else real_precheck(b, k)
+        ),
     )
     with Detector.open(tiny_bundle) as d:
         assert (d.backend_name, d.provider) == ("torch", "cpu")
-        assert set(d.skipped) == {"tensorrt", "onnxruntime"}
+        assert set(d.skipped) == {"tensorrt", "onnxruntime", "openvino"}
 
 
 def test_auto_with_no_usable_backend_lists_every_reason(make_bundle, monkeypatch) -> None:
@@ -88,9 +90,13 @@ def test_auto_with_no_usable_backend_lists_every_reason(make_bundle, monkeypatch
     monkeypatch.setattr(
         detector,
         "_precheck",
-        lambda b, k: "pretend it is missing" if k == "onnxruntime" else real_precheck(b, k),
+        lambda b, k: (
+            "pretend it is missing" if k in ("onnxruntime", "openvino") else real_precheck(b, k)
+        ),
     )
-    with pytest.raises(BundleError, match="no backend can run.*tensorrt: .*onnxruntime: .*torch: "):
+    with pytest.raises(
+        BundleError, match="no backend can run.*tensorrt: .*onnxruntime: .*openvino: .*torch: "
+    ):
         Detector.open(root)
 
 
