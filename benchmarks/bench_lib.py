@@ -113,6 +113,28 @@ def onnxruntime_backend(
     return backend
 
 
+def openvino_backend(bundle_dir: Path, precision: str, threads: int | None) -> BenchBackend:
+    """The bundle's portable graphs compiled by OpenVINO (CPU): the vision graph in
+    ``precision``, the head in fp32 (as Detector.open(..., backend='openvino') runs them)."""
+    from cops_deploy.runtime.backends import OpenVinoBackend
+    from cops_deploy.runtime.bundle import open_bundle
+
+    bundle = open_bundle(bundle_dir, verify=False)
+    vision = OpenVinoBackend(bundle, "vision", precision=precision, threads=threads)
+    head = OpenVinoBackend(bundle, "head", threads=threads)
+    vision.activate()
+    head.activate()
+
+    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        emb = vision.infer({"image": np.ascontiguousarray(x, dtype=np.float32)})
+        out = head.infer(emb)
+        return out["pred_score"], out["anomaly_map"]
+
+    backend = BenchBackend("openvino", precision, run, keep=[vision, head])
+    backend.provider = vision.provider
+    return backend
+
+
 # ----------------------------------------------------------------------------- measuring
 class PeakRSS:
     """Samples this process's resident set size every ``interval`` s while active."""
