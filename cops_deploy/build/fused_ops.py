@@ -71,8 +71,8 @@ def onnx_translation_table() -> dict[Any, Any]:
     one ``com.microsoft.MultiHeadAttention`` node."""
     import onnxscript
 
-    mha = onnxscript.values.Op(onnxscript.values.Opset(MSFT_DOMAIN, 1), "MultiHeadAttention",
-                               _mha_schema())  # fmt: skip
+    opset = onnxscript.values.Opset(MSFT_DOMAIN, 1)
+    mha = onnxscript.values.Op(opset, "MultiHeadAttention", _mha_schema())
 
     def translate(q: Any, k: Any, v: Any, heads: int, scale: float) -> Any:
         return mha(q, k, v, num_heads=heads, scale=scale)
