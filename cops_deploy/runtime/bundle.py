@@ -4,6 +4,11 @@ The manifest is plain JSON (sorted keys, no pickle) so a C++ consumer can read i
 bundle checks the schema version, that every listed file stays inside the bundle directory, and
 each file's size and sha256; an engine's key is checked against the machine it is about to run
 on. Torch-free: stdlib and numpy only.
+
+File roles: ``vision_onnx`` / ``head_onnx`` (the portable graphs, named in ``manifest.graphs``),
+``<role>_data`` (their external data), ``vision_onnx_ort`` (optional: the vision graph with
+``com.microsoft`` fused attention for ONNX Runtime, pointing into ``vision.onnx.data``),
+``engine`` (TensorRT, keyed in ``manifest.engines``), ``table`` and ``torch_model``.
 """
 
 from __future__ import annotations
