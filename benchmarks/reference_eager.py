@@ -4,7 +4,8 @@ The side-by-side baseline of the benchmark suite: same weights as a ``CopsModel`
 straightforward way: explicit attention with the scale applied after q k^T, the text tower on
 the full 77-token context, the R class-token samples encoded one prompt pair at a time, the
 Gaussian blur by SciPy on the CPU, one image at a time. It is not a strawman: its outputs equal
-the model's to about 1e-5 (tests/… and benchmarks/test_quick.py check it).
+the model's to about 1e-5 (benchmarks/test_reference_eager.py checks it, also against the
+reference implementation's golden outputs).
 """
 
 from __future__ import annotations

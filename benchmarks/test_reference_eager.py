@@ -1,0 +1,61 @@
+"""Reference-eager is a faithful baseline: it reproduces the reference implementation's golden
+outputs and equals ``CopsModel`` to 1e-5 (cops-tiny; the full size is checked by the benchmark
+parity gate on every ``pytest benchmarks/`` run)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from reference_eager import ReferenceEager
+
+from cops_deploy import create_model
+from cops_deploy.build.onnx_export import synthetic_images
+
+TOL = 1e-5
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _golden() -> Path:
+    env = os.environ.get("COPS_GOLDEN")
+    return Path(env) if env else REPO.parent / "shared" / "golden"
+
+
+def test_reference_eager_equals_the_model() -> None:
+    model = create_model("cops-tiny", seed=0)
+    ref = ReferenceEager(model)
+    images = synthetic_images(model.cfg, n=3, seed=11)
+    with torch.no_grad():
+        out = model(images)
+    for i in range(images.shape[0]):
+        score, amap = ref(images[i : i + 1])
+        assert abs(score - float(out.pred_score[i])) <= TOL
+        assert np.abs(amap - out.anomaly_map[i].numpy()).max() <= TOL
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_reference_eager_reproduces_the_golden_outputs(index: int) -> None:
+    golden = _golden()
+    if not (golden / "cases.npz").is_file():
+        pytest.fail(f"golden vectors not found at {golden}; set COPS_GOLDEN to their folder")
+    head = json.loads((golden / "case.json").read_text())["head"]
+    model = create_model(
+        "cops-tiny",
+        clip_weights=golden / "clip_tiny_openai_layout.pt",
+        cops_weights=golden / "cops_tiny_reference_format.pth",
+        alpha=head["alpha"],
+        beta=head["beta"],
+        tau=head["tau"],
+        sigma=float(head["sigma"]),
+        neighbour_kernel=head["neighbour_kernel"],
+        samples=head["R"],
+    )
+    cases = np.load(golden / "cases.npz")
+    image = torch.from_numpy(cases["images"][index : index + 1])
+    score, amap = ReferenceEager(model)(image, z=torch.from_numpy(cases["z"][index]))
+    assert abs(score - float(cases["pred_score"][index])) <= TOL
+    assert np.abs(amap - cases["anomaly_map"][index]).max() <= TOL
