@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 _HERE = str(Path(__file__).resolve().parent)
@@ -43,3 +44,30 @@ def make_bundle(tmp_path: Path, tiny_graphs: Path) -> Callable[..., Path]:
         return cops_tiny_bundle.write_tiny_bundle(tmp_path / name, tiny_graphs, **options)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_bundle: Path):
+    """The shared tiny bundle, opened (and verified)."""
+    from cops_deploy.runtime.bundle import open_bundle
+
+    return open_bundle(tiny_bundle)
+
+
+@pytest.fixture(scope="module")
+def images(bundle) -> np.ndarray:
+    """Three preprocessed images (3, 3, S, S) for the bundle's input size."""
+    from cops_deploy.runtime.images import preprocess
+
+    size = bundle.manifest.preprocess.size
+    return np.stack([preprocess(rgb, size) for rgb in cops_tiny_bundle.rng_images(3)])
+
+
+@pytest.fixture(scope="module")
+def ort_outputs(bundle, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Every graph output of ``images`` run through ONNX Runtime (vision, then head)."""
+    from cops_deploy.runtime.backends import OnnxRuntimeBackend
+
+    with OnnxRuntimeBackend(bundle, "vision") as vision, OnnxRuntimeBackend(bundle, "head") as head:
+        emb = vision.infer({"image": images})
+        return {**emb, **head.infer(emb)}

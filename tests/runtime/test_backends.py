@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from cops_tiny_bundle import rng_images
 
 from cops_deploy.errors import BundleError, ConfigError, CopsError, MissingDependencyError
 from cops_deploy.runtime import backends
@@ -26,29 +25,10 @@ from cops_deploy.runtime.backends import (
     expected_engine_key,
 )
 from cops_deploy.runtime.bundle import Bundle, TensorSpec, open_bundle
-from cops_deploy.runtime.images import preprocess
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 NO_TRT = "TensorRT is not installed here (needs an NVIDIA GPU and pip install 'cops-deploy[trt]')"
 MACHINE = {"tensorrt_version": "10.13.0", "gpu_name": "NVIDIA H200", "compute_capability": "9.0"}
-
-
-@pytest.fixture(scope="module")
-def bundle(tiny_bundle: Path) -> Bundle:
-    return open_bundle(tiny_bundle)
-
-
-@pytest.fixture(scope="module")
-def images(bundle: Bundle) -> np.ndarray:
-    size = bundle.manifest.preprocess.size
-    return np.stack([preprocess(rgb, size) for rgb in rng_images(3)])  # (3, 3, S, S)
-
-
-@pytest.fixture(scope="module")
-def ort_outputs(bundle: Bundle, images: np.ndarray) -> dict[str, np.ndarray]:
-    with OnnxRuntimeBackend(bundle, "vision") as vision, OnnxRuntimeBackend(bundle, "head") as head:
-        emb = vision.infer({"image": images})
-        return {**emb, **head.infer(emb)}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -70,15 +70,18 @@ def test_auto_skips_engine_with_mismatched_key(make_bundle, monkeypatch) -> None
         assert "gpu_name='NVIDIA L4'" in d.skipped["tensorrt"]
 
 
-def test_auto_falls_back_to_torch(tiny_bundle: Path, monkeypatch) -> None:
+def _pretend_missing(monkeypatch, *kinds: str) -> None:
+    """Make auto selection believe the backends ``kinds`` are not installed."""
     real_precheck = detector._precheck
     monkeypatch.setattr(
         detector,
         "_precheck",
-        lambda b, k: (
-            "pretend it is missing" if k in ("onnxruntime", "openvino") else real_precheck(b, k)
-        ),
+        lambda b, k: "pretend it is missing" if k in kinds else real_precheck(b, k),
     )
+
+
+def test_auto_falls_back_to_torch(tiny_bundle: Path, monkeypatch) -> None:
+    _pretend_missing(monkeypatch, "onnxruntime", "openvino")
     with Detector.open(tiny_bundle) as d:
         assert (d.backend_name, d.provider) == ("torch", "cpu")
         assert set(d.skipped) == {"tensorrt", "onnxruntime", "openvino"}
@@ -86,14 +89,7 @@ def test_auto_falls_back_to_torch(tiny_bundle: Path, monkeypatch) -> None:
 
 def test_auto_with_no_usable_backend_lists_every_reason(make_bundle, monkeypatch) -> None:
     root = make_bundle(torch_weights=False)
-    real_precheck = detector._precheck
-    monkeypatch.setattr(
-        detector,
-        "_precheck",
-        lambda b, k: (
-            "pretend it is missing" if k in ("onnxruntime", "openvino") else real_precheck(b, k)
-        ),
-    )
+    _pretend_missing(monkeypatch, "onnxruntime", "openvino")
     with pytest.raises(
         BundleError, match="no backend can run.*tensorrt: .*onnxruntime: .*openvino: .*torch: "
     ):

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import builtins
 import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 from cops_tiny_bundle import rng_images
 
 from cops_deploy.errors import BundleError, ConfigError, MissingDependencyError
-from cops_deploy.runtime.backends import OnnxRuntimeBackend, OpenVinoBackend
+from cops_deploy.runtime.backends import OpenVinoBackend
 from cops_deploy.runtime.bundle import Bundle, open_bundle
 from cops_deploy.runtime.detector import Detector
-from cops_deploy.runtime.images import preprocess
 
 HAS_OV = importlib.util.find_spec("openvino") is not None
 needs_ov = pytest.mark.skipif(
@@ -29,24 +27,6 @@ def _has_bf16() -> bool:
     import openvino as ov
 
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-
-
-@pytest.fixture(scope="module")
-def bundle(tiny_bundle: Path) -> Bundle:
-    return open_bundle(tiny_bundle)
-
-
-@pytest.fixture(scope="module")
-def images(bundle: Bundle) -> np.ndarray:
-    size = bundle.manifest.preprocess.size
-    return np.stack([preprocess(rgb, size) for rgb in rng_images(3)])
-
-
-@pytest.fixture(scope="module")
-def ort_outputs(bundle: Bundle, images: np.ndarray) -> dict[str, np.ndarray]:
-    with OnnxRuntimeBackend(bundle, "vision") as vision, OnnxRuntimeBackend(bundle, "head") as head:
-        emb = vision.infer({"image": images})
-        return {**emb, **head.infer(emb)}
 
 
 def _run(bundle: Bundle, images: np.ndarray, precision: str) -> dict[str, np.ndarray]:
