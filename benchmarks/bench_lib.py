@@ -99,18 +99,8 @@ def onnxruntime_backend(
     bundle = open_bundle(bundle_dir, verify=False)
     vision = OnnxRuntimeBackend(bundle, "vision", threads=threads, variant=variant)
     head = OnnxRuntimeBackend(bundle, "head", threads=threads)
-    vision.activate()
-    head.activate()
-
-    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        emb = vision.infer({"image": np.ascontiguousarray(x, dtype=np.float32)})
-        out = head.infer(emb)
-        return out["pred_score"], out["anomaly_map"]
-
     name = "onnxruntime-portable" if variant == "portable" else "onnxruntime"
-    backend = BenchBackend(name, precision, run, keep=[vision, head])
-    backend.provider = vision.provider
-    return backend
+    return _graphs_backend(name, precision, vision, head)
 
 
 def openvino_backend(bundle_dir: Path, precision: str, threads: int | None) -> BenchBackend:
@@ -122,15 +112,25 @@ def openvino_backend(bundle_dir: Path, precision: str, threads: int | None) -> B
     bundle = open_bundle(bundle_dir, verify=False)
     vision = OpenVinoBackend(bundle, "vision", precision=precision, threads=threads)
     head = OpenVinoBackend(bundle, "head", threads=threads)
+    return _graphs_backend("openvino", precision, vision, head)
+
+
+def _graphs_backend(name: str, precision: str, vision: Any, head: Any) -> BenchBackend:
+    """Activate a bundle's vision and head runtime backends and chain them, fed preprocessed
+    images (the head deactivated again if it fails to start)."""
     vision.activate()
-    head.activate()
+    try:
+        head.activate()
+    except BaseException:
+        vision.deactivate()
+        raise
 
     def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         emb = vision.infer({"image": np.ascontiguousarray(x, dtype=np.float32)})
         out = head.infer(emb)
         return out["pred_score"], out["anomaly_map"]
 
-    backend = BenchBackend("openvino", precision, run, keep=[vision, head])
+    backend = BenchBackend(name, precision, run, keep=[vision, head])
     backend.provider = vision.provider
     return backend
 
