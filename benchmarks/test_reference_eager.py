@@ -4,8 +4,7 @@ parity gate on every ``pytest benchmarks/`` run)."""
 
 from __future__ import annotations
 
-import json
-import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,16 +12,13 @@ import pytest
 import torch
 from reference_eager import ReferenceEager
 
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))  # golden_support
+from golden_support import golden_dir, golden_model  # noqa: E402
+
 from cops_deploy import create_model
 from cops_deploy.build.onnx_export import synthetic_images
 
 TOL = 1e-5
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _golden() -> Path:
-    env = os.environ.get("COPS_GOLDEN")
-    return Path(env) if env else REPO.parent / "shared" / "golden"
 
 
 def test_reference_eager_equals_the_model() -> None:
@@ -39,22 +35,10 @@ def test_reference_eager_equals_the_model() -> None:
 
 @pytest.mark.parametrize("index", [0, 1, 2])
 def test_reference_eager_reproduces_the_golden_outputs(index: int) -> None:
-    golden = _golden()
+    golden = golden_dir()
     if not (golden / "cases.npz").is_file():
         pytest.fail(f"golden vectors not found at {golden}; set COPS_GOLDEN to their folder")
-    head = json.loads((golden / "case.json").read_text())["head"]
-    model = create_model(
-        "cops-tiny",
-        clip_weights=golden / "clip_tiny_openai_layout.pt",
-        cops_weights=golden / "cops_tiny_reference_format.pth",
-        alpha=head["alpha"],
-        beta=head["beta"],
-        tau=head["tau"],
-        sigma=float(head["sigma"]),
-        neighbour_kernel=head["neighbour_kernel"],
-        samples=head["R"],
-    )
-    cases = np.load(golden / "cases.npz")
+    model, cases = golden_model(golden)
     image = torch.from_numpy(cases["images"][index : index + 1])
     score, amap = ReferenceEager(model)(image, z=torch.from_numpy(cases["z"][index]))
     assert abs(score - float(cases["pred_score"][index])) <= TOL

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import os
+import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.append(_HERE)  # for golden_support; appended: tests/ holds packages like "data"
 
-
-def golden_dir() -> Path:
-    """../shared/golden beside the checkout (COPS_GOLDEN overrides)."""
-    env = os.environ.get("COPS_GOLDEN")
-    if env:
-        return Path(env)
-    for base in (REPO.parent / "shared", REPO / "shared"):
-        if (base / "golden").is_dir():
-            return base / "golden"
-    return REPO.parent / "shared" / "golden"
+from golden_support import golden_dir  # noqa: E402
 
 
 @pytest.fixture(scope="session")

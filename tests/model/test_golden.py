@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from golden_support import golden_model as load_golden_model
 
 from cops_deploy import create_model
 
@@ -27,20 +28,7 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def golden_model(golden):
-    case = json.loads((golden / "case.json").read_text())
-    head = case["head"]
-    model = create_model(
-        "cops-tiny",
-        clip_weights=golden / "clip_tiny_openai_layout.pt",
-        cops_weights=golden / "cops_tiny_reference_format.pth",
-        alpha=head["alpha"],
-        beta=head["beta"],
-        tau=head["tau"],
-        sigma=float(head["sigma"]),
-        neighbour_kernel=head["neighbour_kernel"],
-        samples=head["R"],
-    )
-    return model, np.load(golden / "cases.npz")
+    return load_golden_model(golden)
 
 
 def test_golden_architecture_is_cops_tiny(golden):
