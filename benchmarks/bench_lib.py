@@ -238,12 +238,14 @@ class LabelledSet:
     masks: np.ndarray  # (B, S, S) bool
 
 
-def labelled_set(root: Path, size: int, n_good: int, n_bad: int, seed: int = 0) -> LabelledSet:
-    """Synthetic images with defects and pixel masks (``cops data synth``), at model size."""
+def labelled_set(root: Path, pre: Any, n_good: int, n_bad: int, seed: int = 0) -> LabelledSet:
+    """Synthetic images with defects and pixel masks (``cops data synth``), preprocessed as
+    ``pre`` (the model config's PreprocessCfg) says."""
     from cops_deploy.data.meta import iter_samples, load_meta
     from cops_deploy.data.synth import synthesize
     from cops_deploy.data.transforms import load_mask
-    from cops_deploy.runtime.images import load_image, preprocess
+    from cops_deploy.imaging.decode import load_image
+    from cops_deploy.imaging.preprocess import preprocess
 
     if not (root / "meta.json").is_file():
         synthesize(
@@ -261,8 +263,10 @@ def labelled_set(root: Path, size: int, n_good: int, n_bad: int, seed: int = 0) 
     for sample in iter_samples(meta, "test"):
         (bad if sample.anomaly else good).append(sample)
     chosen = good[:n_good] + bad[:n_bad]
-    images = np.stack([preprocess(load_image(s.image_file(root)), size) for s in chosen])
-    masks = np.stack([load_mask(s.mask_file(root) or "", size) for s in chosen])
+    images = np.stack(
+        [preprocess(load_image(s.image_file(root)), pre.size, pre.mean, pre.std) for s in chosen]
+    )
+    masks = np.stack([load_mask(s.mask_file(root) or "", pre.size) for s in chosen])
     labels = np.asarray([s.anomaly for s in chosen], np.int64)
     return LabelledSet(images.astype(np.float32), labels, masks)
 

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 
 from cops_deploy import create_model
-from cops_deploy.build.graphs import DeployModel
-from cops_deploy.build.onnx_export import onnxruntime_session, synthetic_images
 from cops_deploy.cli.export import main as cops_export
+from cops_deploy.export.graphs import DeployModel
+from cops_deploy.export.onnx_export import onnxruntime_session, synthetic_images
 from cops_deploy.runtime.bundle import open_bundle
 
 MODEL = "cops-vit-l-14-336"

@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_eager import ReferenceEager  # noqa: E402
 
 from cops_deploy import create_model  # noqa: E402
-from cops_deploy.build.fp16 import to_fp16  # noqa: E402
-from cops_deploy.build.graphs import DeployModel  # noqa: E402
-from cops_deploy.build.onnx_export import synthetic_images  # noqa: E402
+from cops_deploy.export.fp16 import to_fp16  # noqa: E402
+from cops_deploy.export.graphs import DeployModel  # noqa: E402
+from cops_deploy.export.onnx_export import synthetic_images  # noqa: E402
 
 PAPER_MS = 168.0
 TARGET_MS = 15.0

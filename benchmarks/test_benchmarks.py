@@ -124,12 +124,12 @@ def machine_rates(bench_opts) -> dict[str, float]:
 @pytest.fixture(scope="module")
 def ctx(arch, bench_opts, machine_rates, tmp_path_factory) -> dict[str, Any]:
     """The model, its fp32 outputs on the labelled set, the bundles, FLOPs and floors."""
-    from cops_deploy.build.graphs import DeployModel
+    from cops_deploy.export.graphs import DeployModel
 
     plan = _plan(arch, bench_opts["quick"], bench_opts["repeats"])
     model = create_model(arch, seed=0)
-    size = model.cfg.vision.input_size
-    data = labelled_set(tmp_path_factory.mktemp("synth"), size, plan["good"], plan["bad"])
+    pre = model.cfg.preprocess
+    data = labelled_set(tmp_path_factory.mktemp("synth"), pre, plan["good"], plan["bad"])
     with torch.inference_mode():
         outs = [model(torch.from_numpy(data.images[i : i + 1])) for i in range(len(data.labels))]
     ref_scores = np.concatenate([o.pred_score.numpy() for o in outs])
@@ -166,8 +166,8 @@ def ctx(arch, bench_opts, machine_rates, tmp_path_factory) -> dict[str, Any]:
 
 
 def _make_backend(key: str, ctx: dict[str, Any], threads: int | None) -> BenchBackend:
-    from cops_deploy.build.fp16 import to_fp16
-    from cops_deploy.build.graphs import DeployModel
+    from cops_deploy.export.fp16 import to_fp16
+    from cops_deploy.export.graphs import DeployModel
 
     name, precision = key.split("/")
     model = ctx["model"]

@@ -16,7 +16,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))  # golden_su
 from golden_support import golden_dir, golden_model  # noqa: E402
 
 from cops_deploy import create_model
-from cops_deploy.build.onnx_export import synthetic_images
+from cops_deploy.export.onnx_export import synthetic_images
 
 TOL = 1e-5
 

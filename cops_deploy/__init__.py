@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from cops_deploy.version import __version__
 
 __all__ = ["__version__", "create_model", "list_models", "load_model", "save_model"]
 

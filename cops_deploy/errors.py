@@ -29,3 +29,15 @@ class DatasetError(CopsError):
 
 class MissingDependencyError(CopsError, ImportError):
     """An optional package is needed for this feature; the message gives the install command."""
+
+
+class ExportError(CopsError):
+    """An export step (ONNX export, ONNX check, engine build) failed; the message names it."""
+
+
+class EngineBuildError(ExportError):
+    """TensorRT could not parse the ONNX graph or build the engine (the message says which)."""
+
+
+class TrainingError(CopsError):
+    """Training cannot go on (a loss that is not finite)."""

@@ -192,7 +192,7 @@ def _check_args(args: argparse.Namespace) -> None:
             "in the manifest)."
         )
     if args.engine == "trt":
-        from cops_deploy.build.tensorrt import import_tensorrt
+        from cops_deploy.export.tensorrt import import_tensorrt
 
         import_tensorrt()
     if args.triton:
@@ -201,10 +201,10 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _triton_writer() -> Any:
     try:
-        from cops_deploy.build.triton import write_triton_repository
+        from cops_deploy.export.triton import write_triton_repository
     except ImportError as exc:
         raise MissingDependencyError(
-            f"--triton needs cops_deploy.build.triton.write_triton_repository, which is not "
+            f"--triton needs cops_deploy.export.triton.write_triton_repository, which is not "
             f"importable here ({exc}). Fix: install a cops-deploy that ships it with its "
             f"dependencies (pip install 'cops-deploy[dev]'), or drop --triton."
         ) from exc
@@ -240,7 +240,7 @@ def _provenance(model: Any, allow_random: bool) -> Any:
 
 def _export(args: argparse.Namespace) -> int:
     _check_args(args)
-    from cops_deploy.build.bundle_writer import BundleWriter
+    from cops_deploy.export.bundle_writer import BundleWriter
     from cops_deploy.runtime.bundle import ort_variant_role
 
     progress = _Progress(STAGES if args.triton else STAGES[:-1])
@@ -278,14 +278,14 @@ def _export_into(
     import torch
 
     from cops_deploy import create_model
-    from cops_deploy.build import graphs as g
-    from cops_deploy.build.onnx_export import (
+    from cops_deploy.export import graphs as g
+    from cops_deploy.export.onnx_export import (
         check_onnx,
         export_onnx,
         export_ort_variant,
         pipeline_parity,
     )
-    from cops_deploy.build.onnx_export import synthetic_images as images_for
+    from cops_deploy.export.onnx_export import synthetic_images as images_for
 
     with progress.stage("loading model"):
         model = create_model(
@@ -307,7 +307,7 @@ def _export_into(
         vision, head = g.VisionGraph(model), g.HeadGraph(model)
     export = export_onnx
     if args.precision == "fp16":
-        from cops_deploy.build.fp16 import export_fp16_onnx as export
+        from cops_deploy.export.fp16 import export_fp16_onnx as export
     paths = {"vision": work / "vision.onnx", "head": work / "head.onnx"}
     for name, graph in (("vision", vision), ("head", head)):
         with progress.stage(f"exporting {name}"), torch.no_grad():
@@ -358,7 +358,7 @@ def _print_parity(what: str, parity: dict[str, Any]) -> None:
 
 
 def _check_islands(paths: dict[str, Path]) -> None:
-    from cops_deploy.build.fp16 import ISLAND_OPS, precision_report
+    from cops_deploy.export.fp16 import ISLAND_OPS, precision_report
 
     for name, path in paths.items():
         report = precision_report(path)
@@ -368,11 +368,11 @@ def _check_islands(paths: dict[str, Path]) -> None:
             if op in ISLAND_OPS and set(types) - {"float32"}
         }
         if wrong:
-            from cops_deploy.build.onnx_export import ExportError
+            from cops_deploy.errors import ExportError
 
             raise ExportError(
                 f"FP16 {name} graph {path} computes FP32-island ops in another type: {wrong}. "
-                f"Fix: keep these ops in float32 in cops_deploy/build/graphs.py."
+                f"Fix: keep these ops in float32 in cops_deploy/export/graphs.py."
             )
         n16 = sum(t.get("float16", 0) for op, t in report.items() if op in ("MatMul", "Gemm"))
         print(f"    {name}: {n16} float16 matmuls; islands {', '.join(ISLAND_OPS)} in float32")
@@ -389,7 +389,7 @@ def _build_engines(args: argparse.Namespace, paths: dict[str, Path], work: Path)
     """Build (or reuse from the cache) one engine per graph into ``work``; returns the keys."""
     import shutil
 
-    from cops_deploy.build.tensorrt import build_engine_cached
+    from cops_deploy.export.tensorrt import build_engine_cached
 
     keys = {}
     for name, onnx_path in paths.items():
@@ -412,8 +412,8 @@ def _metadata(cfg: Any, provenance: Any, parity: dict[str, Any], args: Any) -> d
     import onnxruntime
     import torch
 
-    from cops_deploy.build.graphs import graph_specs
     from cops_deploy.runtime.bundle import GraphIO, HeadCfg, PreprocessCfg
+    from cops_deploy.runtime.contract import graph_specs
 
     pre, head = cfg.preprocess, cfg.head
     graphs = {}
@@ -426,7 +426,7 @@ def _metadata(cfg: Any, provenance: Any, parity: dict[str, Any], args: Any) -> d
         "onnxruntime": onnxruntime.__version__,
     }
     if args.engine == "trt":
-        from cops_deploy.build.tensorrt import import_tensorrt
+        from cops_deploy.export.tensorrt import import_tensorrt
 
         versions["tensorrt"] = str(import_tensorrt().__version__)
     return {
@@ -461,8 +461,8 @@ def _add_engines(args: argparse.Namespace) -> int:
         )
     if args.out is not None:
         raise ConfigError("--bundle and --out exclude each other; pass one of them.")
-    from cops_deploy.build.bundle_writer import BundleWriter
-    from cops_deploy.build.tensorrt import import_tensorrt, onnx_precision
+    from cops_deploy.export.bundle_writer import BundleWriter
+    from cops_deploy.export.tensorrt import import_tensorrt, onnx_precision
     from cops_deploy.runtime.bundle import ROLE_ENGINE, open_bundle
 
     import_tensorrt()

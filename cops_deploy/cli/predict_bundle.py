@@ -16,8 +16,8 @@ import numpy as np
 
 from cops_deploy.cli.predict_common import prepare_out_dir, run_predict
 from cops_deploy.errors import ConfigError
+from cops_deploy.imaging.decode import iter_image_files
 from cops_deploy.runtime.detector import Detector
-from cops_deploy.runtime.images import iter_image_files
 
 __all__ = ["predict_with_bundle"]
 

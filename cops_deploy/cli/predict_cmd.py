@@ -57,9 +57,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def _torch_predictor(args: argparse.Namespace):
     import torch
 
+    from cops_deploy.imaging.preprocess import preprocess
     from cops_deploy.model.factory import create_model
     from cops_deploy.model.weights import is_own_format
-    from cops_deploy.runtime.images import preprocess
 
     own_full = args.weights and is_own_format(args.weights)
     if not (args.weights or args.clip_weights) and not args.random_weights:
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
             f"path is fp32. Fix: export a bundle (cops-export) and pass --bundle."
         )
     from cops_deploy.cli.predict_common import prepare_out_dir, run_predict
-    from cops_deploy.runtime.images import iter_image_files
+    from cops_deploy.imaging.decode import iter_image_files
 
     files = iter_image_files(args.inputs)  # a missing path fails before the model loads
     prepare_out_dir(args.out, args.force)

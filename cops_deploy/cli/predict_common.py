@@ -17,8 +17,8 @@ from tqdm import tqdm
 
 from cops_deploy.errors import CopsError, ImageReadError
 from cops_deploy.fileio import atomic_write_text
-from cops_deploy.runtime.images import iter_image_files, load_image
-from cops_deploy.runtime.visualize import side_by_side
+from cops_deploy.imaging.decode import iter_image_files, load_image
+from cops_deploy.imaging.visualize import side_by_side
 
 # (list of RGB uint8 images) -> (scores [B], anomaly maps [B, S, S])
 PredictBatch = Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray]]

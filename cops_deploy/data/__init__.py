@@ -1,6 +1,8 @@
 """cops_deploy.data: meta.json datasets, solvers for the 13 dataset layouts, synthetic defects.
 
-Torch-free (numpy and Pillow only).
+Torch-free (numpy and Pillow only), except :mod:`cops_deploy.data.dataset` (the torch
+``Dataset`` over a meta.json split for training and evaluation), which this package does not
+import.
 """
 
 from cops_deploy.data.meta import Sample, iter_samples, load_meta, write_meta

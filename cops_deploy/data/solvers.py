@@ -24,8 +24,7 @@ from pathlib import Path
 
 from cops_deploy.data.meta import Meta, make_entry, write_meta
 from cops_deploy.errors import DatasetError
-
-IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+from cops_deploy.imaging.decode import IMAGE_EXTENSIONS
 
 MVTEC_CLASSES: tuple[str, ...] = (
     "carpet", "grid", "leather", "tile", "wood", "bottle", "cable", "capsule", "hazelnut",
@@ -129,12 +128,12 @@ def _images(path: Path, where: _Where) -> list[str]:
     names = sorted(
         p.name
         for p in path.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
     )
     if not names:
         raise DatasetError(
             f"{where.display_name}: folder {path} holds no images (looked for "
-            f"{sorted(IMAGE_SUFFIXES)}); restore its files from the original download, or remove "
+            f"{sorted(IMAGE_EXTENSIONS)}); restore its files from the original download, or remove "
             "the empty folder"
         )
     return names
@@ -483,3 +482,23 @@ def prepare_dataset(name: str, root: str | os.PathLike[str]) -> Path:
     The file is written atomically, and only when the whole layout was read without error.
     """
     return write_meta(root, build_meta(name, root))
+
+
+# Names that are not one of the 13 layouts: `cops data synth` output, and any other meta.json root.
+EXTRA_DATASETS: tuple[str, ...] = ("synth", "custom")
+
+
+def canonical_dataset(name: str) -> str:
+    """The canonical name of a dataset (aliases and case resolved), or DatasetError."""
+    key = name.strip().lower()
+    if key in EXTRA_DATASETS:
+        return key
+    try:
+        return get_dataset(name).name
+    except DatasetError:
+        valid = ", ".join([*DATASETS, *EXTRA_DATASETS])
+        raise DatasetError(
+            f"unknown dataset {name!r}; valid names are {valid}. Fix: pass the name of the "
+            "dataset under --data ('synth' for `cops data synth` output, 'custom' for any "
+            "other meta.json root)."
+        ) from None

@@ -38,15 +38,14 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cops_deploy.data.solvers import DATASETS
+from cops_deploy.data.dataset import MetaDataset
+from cops_deploy.data.solvers import DATASETS, canonical_dataset
 from cops_deploy.errors import ConfigError, WeightsError
 from cops_deploy.evaluate.metrics import IMAGE_METRICS, PIXEL_METRICS, PixelMetricAccumulator
 from cops_deploy.evaluate.metrics import image_metrics as compute_image_metrics
 from cops_deploy.evaluate.report import mean_over_classes, overlay_grid, write_results
 from cops_deploy.fileio import prepare_output_dir
 from cops_deploy.model.cops import CopsModel
-from cops_deploy.train.dataset import MetaDataset
-from cops_deploy.train.policy import canonical_dataset
 
 METRICS: tuple[str, ...] = IMAGE_METRICS + PIXEL_METRICS
 PRESETS: tuple[str, ...] = ("paper", "reference")

@@ -373,7 +373,7 @@ class PixelMetricAccumulator:
             raise ConfigError(
                 f"ground-truth mask shape {mask.shape} does not match anomaly map shape "
                 f"{scores.shape}; valid: the same (H, W) or (N, H, W). Fix: resize the map to "
-                "the mask size (runtime.images.resize_map) or the mask to the map size."
+                "the mask size (imaging.preprocess.resize_map) or the mask to the map size."
             )
         if scores.ndim == 2:
             self._add_one(scores, mask)

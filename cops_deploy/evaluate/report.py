@@ -13,7 +13,7 @@ in the same folder, then ``os.replace``):
 
 ``overlay_grid`` writes a PNG with one row per image: image | ground truth | heatmap overlay,
 drawn with numpy and Pillow only, with the run side's jet colormap and image reader
-(:mod:`cops_deploy.runtime.visualize`, :mod:`cops_deploy.runtime.images`): no OpenCV, no
+(:mod:`cops_deploy.imaging.visualize`, :mod:`cops_deploy.imaging`): no OpenCV, no
 matplotlib.
 
 Torch-free.
@@ -37,8 +37,9 @@ from PIL import Image, ImageDraw
 from cops_deploy.errors import ConfigError
 from cops_deploy.evaluate.metrics import IMAGE_METRICS, PIXEL_METRICS
 from cops_deploy.fileio import atomic_write_bytes
-from cops_deploy.runtime.images import ImageSource, load_image, resize_map
-from cops_deploy.runtime.visualize import check_alpha, colorize
+from cops_deploy.imaging.decode import ImageSource, load_image
+from cops_deploy.imaging.preprocess import resize_map
+from cops_deploy.imaging.visualize import check_alpha, colorize
 
 __all__ = [
     "METRIC_ORDER",
@@ -355,12 +356,12 @@ def overlay_grid(
 ) -> Path:
     """Write a PNG grid, one row per image: image | ground truth | heatmap overlay.
 
-    ``images``: anything :func:`cops_deploy.runtime.images.load_image` reads (paths, PIL
+    ``images``: anything :func:`cops_deploy.imaging.load_image` reads (paths, PIL
     images, uint8 arrays); ``gt_masks``: (H, W) arrays, nonzero = anomalous, None for no mask
     (drawn black), or None for no masks at all; ``maps``: (H, W) anomaly maps. Each panel is
     resized to a ``tile`` x ``tile`` square; only the first ``max_rows`` images are drawn.
 
-    The jet colour scale (:func:`cops_deploy.runtime.visualize.colorize`) runs from ``vmin``
+    The jet colour scale (:func:`cops_deploy.imaging.visualize.colorize`) runs from ``vmin``
     to ``vmax``, 0 and 1 by default as for ``side_by_side``; ``stretch=True`` uses the min and
     max over all drawn maps instead (one scale for the grid, so rows still compare).
     ``row_labels`` (e.g. file name and score) are written on the image panels. The PNG is

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from cops_deploy import __version__
 from cops_deploy.configs import CopsCfg, get_config
 from cops_deploy.errors import WeightsError
 from cops_deploy.model.cops import CopsModel
@@ -30,6 +29,7 @@ from cops_deploy.model.weights import (
     save_safetensors,
     sha256_file,
 )
+from cops_deploy.version import __version__
 
 MODEL_KWARGS = ("attn_impl", "text_length", "sampling")
 # Learned tensors that a reference checkpoint does not carry (training-only encoder).

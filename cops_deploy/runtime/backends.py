@@ -40,6 +40,14 @@ import numpy as np
 
 from cops_deploy.errors import BundleError, ConfigError, CopsError, MissingDependencyError
 from cops_deploy.runtime.bundle import Bundle, EngineKey, GraphIO, TensorSpec, ort_variant_role
+from cops_deploy.runtime.contract import (
+    ANOMALY_MAP,
+    GRAPH_IO_NAMES,
+    IMAGE,
+    IMAGE_EMBEDDING,
+    PATCH_EMBEDDING,
+    PRED_SCORE,
+)
 
 __all__ = [
     "ANOMALY_MAP",
@@ -70,17 +78,6 @@ __all__ = [
 ]
 
 ROLE_TORCH_MODEL = "torch_model"
-# Tensor names of the exporter contract (manifest.graphs): vision image -> embeddings, head
-# embeddings -> score and map.
-IMAGE = "image"
-IMAGE_EMBEDDING = "image_embedding"
-PATCH_EMBEDDING = "patch_embedding"
-PRED_SCORE = "pred_score"
-ANOMALY_MAP = "anomaly_map"
-GRAPH_IO_NAMES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "vision": ((IMAGE,), (IMAGE_EMBEDDING, PATCH_EMBEDDING)),
-    "head": ((IMAGE_EMBEDDING, PATCH_EMBEDDING), (PRED_SCORE, ANOMALY_MAP)),
-}
 TRT_INSTALL = "pip install 'cops-deploy[trt]'"
 ORT_INSTALL = "pip install onnxruntime (or 'cops-deploy[gpu]' for onnxruntime-gpu)"
 TORCH_INSTALL = "pip install torch"

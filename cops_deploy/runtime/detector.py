@@ -30,6 +30,8 @@ import numpy as np
 from PIL import Image
 
 from cops_deploy.errors import BundleError, ConfigError, CopsError, ImageReadError
+from cops_deploy.imaging.decode import ImageSource, load_image
+from cops_deploy.imaging.preprocess import preprocess, resize_map
 from cops_deploy.runtime.backends import (
     ANOMALY_MAP,
     IMAGE,
@@ -46,7 +48,6 @@ from cops_deploy.runtime.backends import (
     engine_name,
 )
 from cops_deploy.runtime.bundle import Bundle, Manifest, open_bundle
-from cops_deploy.runtime.images import ImageSource, load_image, preprocess, resize_map
 
 __all__ = ["BACKENDS", "DEFAULT_MAX_BATCH", "PRECISIONS", "Detector", "Prediction"]
 

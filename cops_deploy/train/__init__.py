@@ -1,6 +1,5 @@
 """cops_deploy.train: training the learned CoPS parameters (METHOD.md section 6).
 
-- ``dataset``: a torch Dataset over a meta.json split (images, masks, labels);
 - ``forward``: the training-time forward pass (one ICTS sample, no SAGA, detached prototypes);
 - ``losses``: each term of the CoPS loss;
 - ``policy``: the reference's dataset-dependent choices (neighbour kernel, recon loss);

@@ -9,26 +9,9 @@ Names are the registered datasets (``cops data list``) plus ``synth`` (``cops da
 
 from __future__ import annotations
 
-from cops_deploy.data.solvers import DATASETS, get_dataset
-from cops_deploy.errors import DatasetError
+from cops_deploy.data.solvers import canonical_dataset
 
-EXTRA_DATASETS: tuple[str, ...] = ("synth", "custom")
-
-
-def canonical_dataset(name: str) -> str:
-    """The canonical name of a dataset (aliases and case resolved), or DatasetError."""
-    key = name.strip().lower()
-    if key in EXTRA_DATASETS:
-        return key
-    try:
-        return get_dataset(name).name
-    except DatasetError:
-        valid = ", ".join([*DATASETS, *EXTRA_DATASETS])
-        raise DatasetError(
-            f"unknown dataset {name!r}; valid names are {valid}. Fix: pass the name of the "
-            "dataset under --data ('synth' for `cops data synth` output, 'custom' for any "
-            "other meta.json root)."
-        ) from None
+__all__ = ["canonical_dataset", "training_kernel", "uses_recon"]
 
 
 def training_kernel(dataset: str) -> int:

@@ -29,8 +29,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cops_deploy import __version__
-from cops_deploy.errors import ConfigError, CopsError
+from cops_deploy.data.dataset import DatasetItem, MetaDataset
+from cops_deploy.errors import ConfigError, TrainingError
 from cops_deploy.model.cops import CopsModel
 from cops_deploy.model.factory import create_model, save_model
 from cops_deploy.train.checkpoint import (
@@ -43,10 +43,10 @@ from cops_deploy.train.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from cops_deploy.train.dataset import DatasetItem, MetaDataset
 from cops_deploy.train.forward import training_forward
 from cops_deploy.train.losses import LossTerms, cops_loss
 from cops_deploy.train.policy import canonical_dataset, training_kernel, uses_recon
+from cops_deploy.version import __version__
 
 CONFIG_FILE = "train_config.json"
 LOSS_LOG = "losses.jsonl"
@@ -56,10 +56,6 @@ NOISE_SEED_OFFSET = 1  # the ICTS noise generator is seeded with seed + this
 # Run settings that may change between an interrupted run and its --resume.
 RESUMABLE_CHANGES = ("epochs", "device", "num_workers")
 PROGRESS_TERMS = ("total", "image", "patch", "gather", "scatter", "kl", "recon")
-
-
-class TrainingError(CopsError):
-    """Training cannot go on (a loss that is not finite)."""
 
 
 @dataclass(frozen=True)

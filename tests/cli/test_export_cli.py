@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from cops_deploy import create_model, save_model
-from cops_deploy.build.onnx_export import onnxruntime_session, run_onnxruntime, synthetic_images
 from cops_deploy.cli.export import main
+from cops_deploy.export.onnx_export import onnxruntime_session, run_onnxruntime, synthetic_images
 from cops_deploy.runtime.bundle import EngineKey, open_bundle
 
 TOL = 1e-5
@@ -163,7 +163,7 @@ def test_engine_trt_without_tensorrt_fails_cleanly(tmp_path, monkeypatch):
 
 
 def test_triton_without_writer_fails_before_export(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "cops_deploy.build.triton", None)
+    monkeypatch.setitem(sys.modules, "cops_deploy.export.triton", None)
     code, out, err = run_cli(
         "--model", "cops-tiny", "--random-weights", "--triton", "--out", str(tmp_path / "b")
     )
@@ -207,7 +207,7 @@ def test_bundle_mode_needs_engine_trt(smoke):
 
 def test_add_engines_to_bundle_with_fake_builder(smoke, tmp_path, monkeypatch):
     """--bundle --engine trt rewrites the bundle with engines and their keys (builder faked)."""
-    import cops_deploy.build.tensorrt as trt_build
+    import cops_deploy.export.tensorrt as trt_build
 
     bundle = tmp_path / "bundle"
     shutil.copytree(smoke["bundle"], bundle)
@@ -297,7 +297,7 @@ def test_ort_variant_shares_the_portable_weights(smoke):
     vision.onnx.data), listed and hashed in the manifest, its parity recorded."""
     import onnx
 
-    from cops_deploy.build.bundle_writer import onnx_external_data_files
+    from cops_deploy.export.bundle_writer import onnx_external_data_files
 
     bundle = open_bundle(smoke["bundle"], verify=True)
     variant = bundle.ort_variant("vision")

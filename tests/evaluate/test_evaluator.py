@@ -51,7 +51,7 @@ def result(model, eval_root):
 def test_metrics_per_class_match_the_metrics_module(result, model, eval_root):
     assert list(result.metrics) == ["weave", "screw"]
     assert len(result.records) == 10 and result.pixel_skipped == 0
-    from cops_deploy.train.dataset import MetaDataset
+    from cops_deploy.data.dataset import MetaDataset
 
     data = MetaDataset(eval_root, model.cfg.preprocess, classes=["screw"])
     items = [data[i] for i in range(len(data))]

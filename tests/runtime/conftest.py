@@ -1,6 +1,6 @@
 """Fixtures of the run-side tests: tiny cops-tiny bundles (see cops_tiny_bundle.py).
 
-Puts this folder on sys.path so tests here and in tests/build and tests/cli can import the
+Puts this folder on sys.path so tests here and in tests/export and tests/cli can import the
 ``cops_tiny_bundle`` helper. The ONNX export runs once per session, under the session's base
 temp directory; every bundle fixture reuses it.
 """
@@ -57,10 +57,11 @@ def bundle(tiny_bundle: Path):
 @pytest.fixture(scope="module")
 def images(bundle) -> np.ndarray:
     """Three preprocessed images (3, 3, S, S) for the bundle's input size."""
-    from cops_deploy.runtime.images import preprocess
+    from cops_deploy.imaging.preprocess import preprocess
 
-    size = bundle.manifest.preprocess.size
-    return np.stack([preprocess(rgb, size) for rgb in cops_tiny_bundle.rng_images(3)])
+    pre = bundle.manifest.preprocess
+    rgbs = cops_tiny_bundle.rng_images(3)
+    return np.stack([preprocess(rgb, pre.size, pre.mean, pre.std) for rgb in rgbs])
 
 
 @pytest.fixture(scope="module")

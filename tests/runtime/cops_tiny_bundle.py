@@ -182,8 +182,8 @@ def write_tiny_bundle(
     engine_changes: Mapping[str, str] | None = None,
 ) -> Path:
     """Write a cops-tiny bundle from ``export_tiny_graphs`` output into ``out``."""
-    from cops_deploy.build.bundle_writer import BundleWriter
     from cops_deploy.configs import get_config
+    from cops_deploy.export.bundle_writer import BundleWriter
     from cops_deploy.runtime.bundle import sha256_file
 
     cfg = get_config(MODEL)

@@ -280,7 +280,7 @@ def _bundle_with_real_engines(tmp_path: Path, graphs: Path, write) -> Path:
     """Build fp32 engines (batch 1..4) from the tiny graphs and write a bundle listing them."""
     import tensorrt as trt
 
-    from cops_deploy.build.bundle_writer import BundleWriter
+    from cops_deploy.export.bundle_writer import BundleWriter
     from cops_deploy.runtime.bundle import EngineKey, sha256_file
 
     machine = backends.tensorrt_machine_fields()

@@ -13,10 +13,11 @@ from cops_tiny_bundle import rng_images
 from PIL import Image
 
 from cops_deploy.errors import BundleError, ConfigError, CopsError, ImageReadError
+from cops_deploy.imaging.decode import load_image
+from cops_deploy.imaging.preprocess import preprocess, resize_map
 from cops_deploy.runtime import backends, detector
 from cops_deploy.runtime.bundle import open_bundle
 from cops_deploy.runtime.detector import DEFAULT_MAX_BATCH, Detector, Prediction
-from cops_deploy.runtime.images import load_image, preprocess, resize_map
 
 TOL = 1e-5
 
@@ -147,7 +148,8 @@ def test_equals_pytorch_model(det: Detector, tiny_model) -> None:
 
     rgbs = rng_images(4)
     preds = det.predict(rgbs)
-    x = np.stack([preprocess(rgb, 98) for rgb in rgbs])
+    pre = tiny_model.cfg.preprocess
+    x = np.stack([preprocess(rgb, pre.size, pre.mean, pre.std) for rgb in rgbs])
     with torch.no_grad():
         ref = tiny_model(torch.from_numpy(x))
     for pred, score, amap in zip(preds, ref.pred_score, ref.anomaly_map, strict=True):

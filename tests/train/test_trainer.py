@@ -12,15 +12,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
+from cops_deploy.data.dataset import MetaDataset
 from cops_deploy.data.transforms import load_mask
-from cops_deploy.errors import ConfigError, DatasetError, WeightsError
+from cops_deploy.errors import ConfigError, DatasetError, TrainingError, WeightsError
 from cops_deploy.train import checkpoint as ckpt_module
 from cops_deploy.train import trainer as trainer_module
 from cops_deploy.train.checkpoint import list_checkpoints, load_checkpoint
-from cops_deploy.train.dataset import MetaDataset
 from cops_deploy.train.forward import training_forward
 from cops_deploy.train.losses import cops_loss
-from cops_deploy.train.trainer import TrainCfg, TrainingError, read_loss_log, train, train_step
+from cops_deploy.train.trainer import TrainCfg, read_loss_log, train, train_step
 
 
 def _cfg(root: Path, out: Path, **kw) -> TrainCfg:

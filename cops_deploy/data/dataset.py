@@ -1,7 +1,7 @@
 """A torch ``Dataset`` over a dataset root's ``meta.json``, for training and evaluation.
 
 Each item is a :class:`DatasetItem`: the image preprocessed for CLIP at the model's input size
-(``runtime.images.preprocess``: PIL bicubic, CLIP mean/std), the ground-truth mask at the same
+(``imaging.preprocess.preprocess``: PIL bicubic, CLIP mean/std), the ground-truth mask at the same
 size as a float 0/1 tensor (``data.transforms.load_mask``: the 0/255 mask resized bilinearly,
 then > 0.5; METHOD.md section 6), the 0/1 image label, the class name and the image path.
 
@@ -25,7 +25,8 @@ from cops_deploy.configs import PreprocessCfg
 from cops_deploy.data.meta import SPLITS, Sample, iter_samples, load_meta
 from cops_deploy.data.transforms import load_mask
 from cops_deploy.errors import ConfigError, DatasetError
-from cops_deploy.runtime.images import load_image, preprocess
+from cops_deploy.imaging.decode import load_image
+from cops_deploy.imaging.preprocess import preprocess
 
 
 class DatasetItem(NamedTuple):

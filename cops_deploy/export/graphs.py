@@ -17,7 +17,7 @@
 - :class:`DeployModel`: both graphs composed, returning :class:`CopsOutput` (the torch backend).
 
 Each graph takes float32 inputs and returns float32 outputs. ``compute_dtype`` (float32 here;
-``cops_deploy.build.fp16`` sets float16) is the dtype of the matmuls and the residual streams;
+``cops_deploy.export.fp16`` sets float16) is the dtype of the matmuls and the residual streams;
 LayerNorm, softmax, L2 norms, distances, SAGA, reductions and the Gaussian always run in float32.
 """
 
@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cops_deploy.build.fused_ops import fused_attention
 from cops_deploy.configs import CopsCfg
 from cops_deploy.errors import ConfigError
+from cops_deploy.export.fused_ops import fused_attention
 from cops_deploy.model.clip import causal_mask
 from cops_deploy.model.cops import CopsModel, CopsOutput
 from cops_deploy.model.head import (
@@ -40,19 +40,16 @@ from cops_deploy.model.head import (
     saga_weight,
 )
 from cops_deploy.model.layers import ATTN_IMPLS, ResidualAttentionBlock
-from cops_deploy.runtime.bundle import TensorSpec
+from cops_deploy.runtime.contract import GRAPH_IO_NAMES, graph_specs
 
 __all__ = [
-    "BATCH_DIM",
     "FUSED_ATTN",
     "DeployModel",
     "HeadGraph",
     "VisionGraph",
     "example_inputs",
-    "graph_specs",
 ]
 
-BATCH_DIM = "batch"
 FUSED_ATTN = "ort_mha"  # VisionGraph only: attention as one com.microsoft.MultiHeadAttention node
 # Additive mask value: exp(MASKED - max) is exactly 0 in float32, as with -inf, but it stays
 # finite for kernels that dislike infinities.
@@ -169,8 +166,7 @@ class VisionGraph(_Graph):
     "ort_mha" (exports ``com.microsoft.MultiHeadAttention``: the ONNX Runtime variant).
     """
 
-    input_names = ("image",)
-    output_names = ("image_embedding", "patch_embedding")
+    input_names, output_names = GRAPH_IO_NAMES["vision"]
     attn_impls = (*ATTN_IMPLS, FUSED_ATTN)
 
     def __init__(self, model: CopsModel, attn_impl: str = "explicit") -> None:
@@ -265,8 +261,7 @@ class HeadGraph(_Graph):
     ``attn_impl``: "explicit" (default; what is exported) or "sdpa" (torch backend).
     """
 
-    input_names = ("image_embedding", "patch_embedding")
-    output_names = ("pred_score", "anomaly_map")
+    input_names, output_names = GRAPH_IO_NAMES["head"]
     fp32_buffers = ("text_mask", "eot_mask")
 
     def __init__(self, model: CopsModel, attn_impl: str = "explicit") -> None:
@@ -477,23 +472,6 @@ class DeployModel(nn.Module):
     def forward(self, images: torch.Tensor) -> CopsOutput:
         image_embedding, patch_embedding = self.vision(images)
         return CopsOutput(*self.head(image_embedding, patch_embedding))
-
-
-def graph_specs(name: str, cfg: CopsCfg) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    """(inputs, outputs) of the ``"vision"`` or ``"head"`` graph; every tensor is float32."""
-    s, e = cfg.vision.input_size, cfg.embed_dim
-    n = cfg.vision.grid**2
-    b = BATCH_DIM
-    image = TensorSpec("image", "float32", (b, 3, s, s))
-    g = TensorSpec("image_embedding", "float32", (b, e))
-    patches = TensorSpec("patch_embedding", "float32", (b, n, e))
-    if name == "vision":
-        return (image,), (g, patches)
-    if name == "head":
-        score = TensorSpec("pred_score", "float32", (b,))
-        amap = TensorSpec("anomaly_map", "float32", (b, s, s))
-        return (g, patches), (score, amap)
-    raise ConfigError(f"unknown deploy graph {name!r}; valid: 'vision', 'head'")
 
 
 def example_inputs(

@@ -1,7 +1,7 @@
 """TensorRT engines from the exported ONNX graphs (TensorRT >= 10 API, strongly typed).
 
 TensorRT 10/11 builds strongly typed networks: every tensor's type comes from the ONNX graph,
-so an FP16 engine is built from the FP16 ONNX graph (``cops_deploy.build.fp16``) and there is
+so an FP16 engine is built from the FP16 ONNX graph (``cops_deploy.export.fp16``) and there is
 no precision flag. The optimisation profile covers batch 1 .. ``max_batch`` (optimum
 ``max(1, max_batch // 2)``). A timing cache file speeds up rebuilds; an engine cache keyed by
 :class:`~cops_deploy.runtime.bundle.EngineKey` (ONNX sha256, TensorRT version, GPU name,
@@ -21,8 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cops_deploy.build.onnx_export import ExportError
-from cops_deploy.errors import BundleError, ConfigError, MissingDependencyError
+from cops_deploy.errors import (
+    BundleError,
+    ConfigError,
+    EngineBuildError,
+    ExportError,
+    MissingDependencyError,
+)
 from cops_deploy.fileio import atomic_write_bytes
 from cops_deploy.runtime.bundle import EngineKey, sha256_file
 
@@ -30,7 +35,6 @@ __all__ = [
     "PRECISIONS",
     "TRT_INSTALL",
     "BatchProfile",
-    "EngineBuildError",
     "build_engine",
     "build_engine_cached",
     "check_engine_key",
@@ -48,10 +52,6 @@ TRT_INSTALL = "pip install 'cops-deploy[trt]'"
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
 MIN_TRT_MAJOR = 10
 _FP16, _FP32 = 10, 1  # onnx.TensorProto.FLOAT16, FLOAT
-
-
-class EngineBuildError(ExportError):
-    """TensorRT could not parse the ONNX graph or build the engine (the message says which)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,7 +219,7 @@ def engine_key(
 def _weights_digest(onnx_path: Path) -> str:
     """sha256 over the external-data files of an ONNX graph (the key's hash covers the graph
     file only, whose bytes do not change when only the weights do)."""
-    from cops_deploy.build.bundle_writer import onnx_external_data_files
+    from cops_deploy.export.bundle_writer import onnx_external_data_files
 
     digest = hashlib.sha256()
     for loc in onnx_external_data_files(onnx_path):

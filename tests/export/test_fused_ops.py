@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from cops_deploy import create_model
-from cops_deploy.build import graphs as g
-from cops_deploy.build.fused_ops import fused_attention
-from cops_deploy.build.onnx_export import (
+from cops_deploy.errors import ConfigError
+from cops_deploy.export import graphs as g
+from cops_deploy.export.fused_ops import fused_attention
+from cops_deploy.export.onnx_export import (
     ExportError,
     export_onnx,
     export_ort_variant,
@@ -17,7 +18,6 @@ from cops_deploy.build.onnx_export import (
     share_external_data,
     synthetic_images,
 )
-from cops_deploy.errors import ConfigError
 
 
 @pytest.mark.parametrize("lq", [1, 7])
@@ -60,7 +60,7 @@ def portable(tmp_path_factory):
 def test_variant_shares_weights_and_matches(portable) -> None:
     import onnx
 
-    from cops_deploy.build.bundle_writer import onnx_external_data_files
+    from cops_deploy.export.bundle_writer import onnx_external_data_files
 
     model, base = portable
     out = base.parent / "vision.ort.onnx"

@@ -1,4 +1,5 @@
-"""Tests for cops_deploy.runtime.images: reading, conversion, preprocessing, map resizing, files."""
+"""Tests for cops_deploy.imaging decode and preprocess: reading, conversion, preprocessing, map
+resizing, files."""
 
 from __future__ import annotations
 
@@ -11,15 +12,13 @@ import pytest
 from PIL import Image
 
 from cops_deploy.errors import ConfigError, ImageReadError
-from cops_deploy.runtime.images import (
-    CLIP_MEAN,
-    CLIP_STD,
-    iter_image_files,
-    load_image,
-    preprocess,
-    preprocess_batch,
-    resize_map,
-)
+from cops_deploy.imaging.decode import iter_image_files, load_image
+from cops_deploy.imaging.preprocess import preprocess, preprocess_batch, resize_map
+
+# OpenAI CLIP's normalisation, written out here (not imported from the code under test).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP = {"mean": CLIP_MEAN, "std": CLIP_STD}
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -333,7 +332,7 @@ def test_refused_empty_arrays(shape: tuple[int, ...]) -> None:
 
 def test_preprocess_equals_direct_computation() -> None:
     rgb = _rng_rgb(30, 45)
-    out = preprocess(rgb, size=40)
+    out = preprocess(rgb, size=40, **CLIP)
     assert out.shape == (3, 40, 40) and out.dtype == np.float32
     resized = np.asarray(Image.fromarray(rgb).resize((40, 40), Image.Resampling.BICUBIC))
     direct = (resized / 255.0 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
@@ -352,7 +351,7 @@ def test_preprocess_equals_torchvision() -> None:
         ]
     )
     ref = tv(Image.fromarray(rgb)).numpy()
-    out = preprocess(rgb)
+    out = preprocess(rgb, 518, CLIP_MEAN, CLIP_STD)
     assert out.shape == ref.shape == (3, 518, 518)
     assert float(np.abs(out - ref).max()) < 1e-6
 
@@ -366,7 +365,7 @@ def test_preprocess_custom_mean_std_and_grey_array() -> None:
 @pytest.mark.parametrize("size", [0, -3, 2.5, True, "518"])
 def test_preprocess_refuses_bad_size(size: object) -> None:
     with pytest.raises(ConfigError, match="preprocessing size"):
-        preprocess(_rng_rgb(4, 4), size=size)  # type: ignore[arg-type]
+        preprocess(_rng_rgb(4, 4), size=size, **CLIP)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -380,44 +379,44 @@ def test_preprocess_refuses_bad_size(size: object) -> None:
 )
 def test_preprocess_refuses_bad_norm(kw: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=f"normalisation {match}"):
-        preprocess(_rng_rgb(4, 4), size=4, **kw)
+        preprocess(_rng_rgb(4, 4), size=4, **{**CLIP, **kw})
 
 
 def test_preprocess_refuses_non_array() -> None:
     with pytest.raises(ImageReadError, match="load_image"):
-        preprocess(Image.new("RGB", (4, 4)), size=4)  # type: ignore[arg-type]
+        preprocess(Image.new("RGB", (4, 4)), size=4, **CLIP)  # type: ignore[arg-type]
 
 
 def test_preprocess_batch_mixed_sources(tmp_path: Path) -> None:
     a, b = _rng_rgb(10, 20, seed=1), _rng_rgb(30, 15, seed=2)
     Image.fromarray(a).save(tmp_path / "a.png")
-    batch, sizes = preprocess_batch([tmp_path / "a.png", Image.fromarray(b), b], size=16)
+    batch, sizes = preprocess_batch([tmp_path / "a.png", Image.fromarray(b), b], size=16, **CLIP)
     assert batch.shape == (3, 3, 16, 16) and batch.dtype == np.float32
     assert sizes == [(10, 20), (30, 15), (30, 15)]
-    np.testing.assert_array_equal(batch[0], preprocess(a, 16))
-    np.testing.assert_array_equal(batch[1], preprocess(b, 16))
+    np.testing.assert_array_equal(batch[0], preprocess(a, 16, **CLIP))
+    np.testing.assert_array_equal(batch[1], preprocess(b, 16, **CLIP))
     np.testing.assert_array_equal(batch[2], batch[1])
 
 
 def test_preprocess_batch_single_sources(tmp_path: Path) -> None:
     a = _rng_rgb(10, 20)
     Image.fromarray(a).save(tmp_path / "a.png")
-    assert preprocess_batch(str(tmp_path / "a.png"), size=8)[0].shape == (1, 3, 8, 8)
-    assert preprocess_batch(a, size=8)[1] == [(10, 20)]
+    assert preprocess_batch(str(tmp_path / "a.png"), size=8, **CLIP)[0].shape == (1, 3, 8, 8)
+    assert preprocess_batch(a, size=8, **CLIP)[1] == [(10, 20)]
     four_d = np.stack([a, a])
-    batch, sizes = preprocess_batch(four_d, size=8)
+    batch, sizes = preprocess_batch(four_d, size=8, **CLIP)
     assert batch.shape == (2, 3, 8, 8) and sizes == [(10, 20), (10, 20)]
 
 
 def test_preprocess_batch_empty() -> None:
-    batch, sizes = preprocess_batch([], size=8)
+    batch, sizes = preprocess_batch([], size=8, **CLIP)
     assert batch.shape == (0, 3, 8, 8) and sizes == []
 
 
 def test_preprocess_batch_error_names_item(tmp_path: Path) -> None:
     (tmp_path / "bad.png").write_text("x")
     with pytest.raises(ImageReadError, match=r"batch item 1 of 2: .*bad\.png"):
-        preprocess_batch([_rng_rgb(4, 4), tmp_path / "bad.png"], size=8)
+        preprocess_batch([_rng_rgb(4, 4), tmp_path / "bad.png"], size=8, **CLIP)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -524,7 +523,8 @@ def test_iter_image_files_missing_path(tmp_path: Path) -> None:
 def test_runtime_image_modules_do_not_import_torch() -> None:
     code = (
         "import sys\n"
-        "import cops_deploy.runtime.images, cops_deploy.runtime.visualize\n"
+        "import cops_deploy.imaging.decode, cops_deploy.imaging.preprocess\n"
+        "import cops_deploy.imaging.visualize\n"
         "bad = sorted(m for m in ('torch', 'torchvision') if m in sys.modules)\n"
         "assert not bad, bad\n"
     )

@@ -6,7 +6,7 @@ per head block, no transposes and no full score tensor written out): on the full
 (1370 tokens, 16 heads of 64) it takes about 42 ms per attention against 49 ms for the written-out
 MatMul/Softmax/MatMul form. TensorRT and other consumers do not know ``com.microsoft`` ops, so a
 bundle carries this form only as an extra ONNX Runtime variant of the portable graph
-(``cops_deploy.build.bundle_writer``).
+(``cops_deploy.export.bundle_writer``).
 
 Eagerly (and for shape propagation during export) the op computes the written-out form in
 float32, so a graph using it gives the same numbers in PyTorch as the portable graph.

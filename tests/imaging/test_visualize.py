@@ -1,4 +1,4 @@
-"""Tests for cops_deploy.runtime.visualize: jet colormap, overlays and the three-panel PNG."""
+"""Tests for cops_deploy.imaging.visualize: jet colormap, overlays and the three-panel PNG."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from cops_deploy.errors import ConfigError, ImageReadError
-from cops_deploy.runtime.visualize import JET_LUT, colorize, overlay, side_by_side
+from cops_deploy.imaging.visualize import JET_LUT, colorize, overlay, side_by_side
 
 
 def _rgb(h: int = 30, w: int = 40, seed: int = 0) -> np.ndarray:

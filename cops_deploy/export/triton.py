@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cops_deploy.build.bundle_writer import onnx_external_data_files, replace_dir
 from cops_deploy.errors import BundleError, ConfigError, MissingDependencyError
+from cops_deploy.export.bundle_writer import onnx_external_data_files, replace_dir
 from cops_deploy.runtime.bundle import Bundle, open_bundle
 
 __all__ = [

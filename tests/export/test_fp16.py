@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from cops_deploy import create_model
-from cops_deploy.build.fp16 import ISLAND_OPS, export_fp16_onnx, precision_report, to_fp16
-from cops_deploy.build.graphs import HeadGraph, VisionGraph, example_inputs
-from cops_deploy.build.onnx_export import pipeline_parity, synthetic_images
 from cops_deploy.errors import ConfigError
+from cops_deploy.export.fp16 import ISLAND_OPS, export_fp16_onnx, precision_report, to_fp16
+from cops_deploy.export.graphs import HeadGraph, VisionGraph, example_inputs
+from cops_deploy.export.onnx_export import pipeline_parity, synthetic_images
 
 # Measured on cops-tiny (random weights, 4 synthetic images, ORT CPU): anomaly map ~5e-4,
 # score ~2e-4. The bounds leave room for other CPUs' fp16 kernels.
@@ -92,8 +92,8 @@ def test_export_cli_islands_check(exported, tmp_path, capsys):
     import onnx
     from onnx import TensorProto, helper
 
-    from cops_deploy.build.onnx_export import ExportError
     from cops_deploy.cli.export import _check_islands
+    from cops_deploy.errors import ExportError
 
     _check_islands(exported)
     assert "float16 matmuls" in capsys.readouterr().out

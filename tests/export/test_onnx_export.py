@@ -11,9 +11,10 @@ import torch
 from onnx import TensorProto, helper
 
 from cops_deploy import create_model
-from cops_deploy.build.bundle_writer import onnx_external_data_files
-from cops_deploy.build.graphs import HeadGraph, VisionGraph, example_inputs
-from cops_deploy.build.onnx_export import (
+from cops_deploy.errors import ConfigError
+from cops_deploy.export.bundle_writer import onnx_external_data_files
+from cops_deploy.export.graphs import HeadGraph, VisionGraph, example_inputs
+from cops_deploy.export.onnx_export import (
     ExportError,
     check_onnx,
     compare_with_onnxruntime,
@@ -23,7 +24,6 @@ from cops_deploy.build.onnx_export import (
     run_onnxruntime,
     synthetic_images,
 )
-from cops_deploy.errors import ConfigError
 
 TOL = 1e-5
 

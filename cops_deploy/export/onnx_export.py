@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from cops_deploy.build.fused_ops import onnx_translation_table
-from cops_deploy.build.graphs import BATCH_DIM
 from cops_deploy.configs import CopsCfg
-from cops_deploy.errors import ConfigError, CopsError, MissingDependencyError
+from cops_deploy.errors import ConfigError, ExportError, MissingDependencyError
+from cops_deploy.export.fused_ops import onnx_translation_table
 from cops_deploy.model.cops import CopsModel
+from cops_deploy.runtime.contract import BATCH_DIM
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -51,10 +51,6 @@ DEFAULT_OPSET = 20
 _ONNX_FLOAT = 1  # onnx.TensorProto.FLOAT
 
 
-class ExportError(CopsError):
-    """An export step (ONNX export, ONNX check, engine build) failed; the message names it."""
-
-
 # ----------------------------------------------------------------------------------------------
 # Export
 
@@ -65,7 +61,7 @@ def _graph_names(graph: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
     if not inputs or not outputs:
         raise ConfigError(
             f"graph {type(graph).__name__} has no input_names/output_names; valid: a deploy "
-            f"graph from cops_deploy.build.graphs (VisionGraph, HeadGraph) or a module that "
+            f"graph from cops_deploy.export.graphs (VisionGraph, HeadGraph) or a module that "
             f"declares both tuples."
         )
     return inputs, outputs
@@ -80,7 +76,7 @@ def _check_example(
         raise ConfigError(
             f"example for {name} must be a tuple of {len(inputs)} tensors ({', '.join(inputs)}), "
             f"got {[type(t).__name__ for t in example]}. Fix: pass "
-            f"cops_deploy.build.graphs.example_inputs(...)."
+            f"cops_deploy.export.graphs.example_inputs(...)."
         )
     batches = {int(t.shape[0]) for t in example}
     if dynamic and (len(batches) != 1 or min(batches) < 2):
@@ -410,7 +406,7 @@ def share_external_data(
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-    from cops_deploy.build.bundle_writer import onnx_tensors
+    from cops_deploy.export.bundle_writer import onnx_tensors
 
     variant, base, out = Path(variant), Path(base), Path(out)
     if out.parent.resolve() != base.parent.resolve():

@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 
-import cops_deploy
 from cops_deploy.errors import BundleError, MissingDependencyError
 from cops_deploy.runtime.bundle import (
     MANIFEST_NAME,
@@ -44,6 +43,7 @@ from cops_deploy.runtime.bundle import (
     open_bundle,
     sha256_file,
 )
+from cops_deploy.version import __version__
 
 __all__ = ["BundleWriter", "onnx_external_data_files", "onnx_tensors"]
 
@@ -108,7 +108,7 @@ class BundleWriter:
             "parity": {},
             "threshold": None,
             "tool_versions": {},
-            "package_version": cops_deploy.__version__,
+            "package_version": __version__,
         }
         self.manifest: Manifest | None = None  # set after a successful commit
 
@@ -318,7 +318,7 @@ class BundleWriter:
             "engines": {k: key.to_dict() for k, key in self._engines.items()},
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "tool_versions": {
-                "cops_deploy": cops_deploy.__version__,
+                "cops_deploy": __version__,
                 "python": platform.python_version(),
                 "numpy": np.__version__,
                 **_jsonable(meta["tool_versions"]),

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cops_deploy.build import bundle_writer
-from cops_deploy.build.bundle_writer import BundleWriter, onnx_external_data_files
 from cops_deploy.errors import BundleError
+from cops_deploy.export import bundle_writer
+from cops_deploy.export.bundle_writer import BundleWriter, onnx_external_data_files
 from cops_deploy.runtime.bundle import (
     MANIFEST_NAME,
     EngineKey,
@@ -340,7 +340,7 @@ def test_writer_used_outside_with_block(tmp_path: Path) -> None:
 
 
 def test_writer_module_does_not_import_torch() -> None:
-    code = "import cops_deploy.build.bundle_writer, sys; assert 'torch' not in sys.modules"
+    code = "import cops_deploy.export.bundle_writer, sys; assert 'torch' not in sys.modules"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 

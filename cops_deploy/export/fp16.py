@@ -3,7 +3,7 @@
 TensorRT 10/11 strongly typed networks take every tensor's type from the ONNX graph, so the
 precision is decided here, on the build side: :func:`to_fp16` copies a deploy graph with its
 weights in float16 and ``compute_dtype = float16``. The graphs' own code keeps the islands in
-float32 with explicit casts (see ``cops_deploy.build.graphs``): LayerNorm (statistics and
+float32 with explicit casts (see ``cops_deploy.export.graphs``): LayerNorm (statistics and
 affine, parameters kept float32), every softmax and its mask, L2 norms and cosine distances,
 neighbour averaging, SAGA, the head's reductions (mean over samples, max over patches), the
 upsample and the Gaussian. The graph inputs and outputs stay float32 (cast inside).
@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cops_deploy.build.graphs import _Graph
-from cops_deploy.build.onnx_export import DEFAULT_OPSET, export_onnx
 from cops_deploy.errors import ConfigError
+from cops_deploy.export.graphs import _Graph
+from cops_deploy.export.onnx_export import DEFAULT_OPSET, export_onnx
 
 __all__ = ["ISLAND_OPS", "export_fp16_onnx", "precision_report", "to_fp16"]
 
@@ -56,7 +56,7 @@ def to_fp16(graph: nn.Module, dtype: torch.dtype = torch.float16) -> nn.Module:
     if not isinstance(graph, _Graph):
         raise ConfigError(
             f"to_fp16 needs a deploy graph (VisionGraph or HeadGraph from "
-            f"cops_deploy.build.graphs), got {type(graph).__name__}. Fix: wrap the model first."
+            f"cops_deploy.export.graphs), got {type(graph).__name__}. Fix: wrap the model first."
         )
     half = copy.deepcopy(graph)
     keep = set(half.fp32_buffers)

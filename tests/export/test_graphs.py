@@ -6,16 +6,16 @@ import pytest
 import torch
 
 from cops_deploy import create_model
-from cops_deploy.build.graphs import (
+from cops_deploy.errors import ConfigError
+from cops_deploy.export.graphs import (
     DeployModel,
     HeadGraph,
     VisionGraph,
     example_inputs,
-    graph_specs,
 )
-from cops_deploy.errors import ConfigError
 from cops_deploy.model.clip import causal_mask
 from cops_deploy.model.cops import CopsOutput
+from cops_deploy.runtime.contract import graph_specs
 
 TOL = 1e-5
 
@@ -217,7 +217,7 @@ def test_full_size_restructuring_exact(request):
     """cops-vit-l-14-336 (random weights), one image: the exported (explicit) form is exact."""
     if "slow" not in (request.config.getoption("markexpr") or ""):
         pytest.skip("full-size model (about a minute on 2 CPU cores); run with -m slow")
-    from cops_deploy.build.onnx_export import synthetic_images
+    from cops_deploy.export.onnx_export import synthetic_images
 
     model = create_model("cops-vit-l-14-336", seed=0)
     image = synthetic_images(model.cfg, n=1, seed=7)

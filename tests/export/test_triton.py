@@ -13,13 +13,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 import cops_tiny_bundle  # noqa: E402
 
-from cops_deploy.build.triton import (  # noqa: E402
+from cops_deploy.errors import BundleError, ConfigError  # noqa: E402
+from cops_deploy.export.triton import (  # noqa: E402
     ENSEMBLE_MODEL,
     HEAD_MODEL,
     VISION_MODEL,
     write_triton_repository,
 )
-from cops_deploy.errors import BundleError, ConfigError  # noqa: E402
 
 onnx = pytest.importorskip("onnx")
 text_format = pytest.importorskip("google.protobuf.text_format")

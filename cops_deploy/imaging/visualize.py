@@ -17,7 +17,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from cops_deploy.errors import ConfigError
 from cops_deploy.fileio import atomic_write_bytes
-from cops_deploy.runtime.images import _check_map, load_image, resize_map
+from cops_deploy.imaging.decode import load_image
+from cops_deploy.imaging.preprocess import check_map, resize_map
 
 __all__ = ["JET_LUT", "colorize", "overlay", "side_by_side"]
 
@@ -65,7 +66,7 @@ def colorize(map01: np.ndarray) -> np.ndarray:
     Raises:
         ImageReadError: ``map01`` is not a 2-D real-valued array.
     """
-    m = _check_map(map01)
+    m = check_map(map01)
     nan = np.isnan(m)
     idx = np.clip(np.nan_to_num(m, nan=0.0), 0.0, 1.0) * _LUT_SIZE  # exact: power of two
     idx = np.minimum(idx.astype(np.int64), _LUT_SIZE - 1)
@@ -137,7 +138,7 @@ def overlay(
     """
     a = check_alpha(alpha)
     image = load_image(rgb)
-    m = resize_map(_check_map(anomaly_map), image.shape[:2])
+    m = resize_map(check_map(anomaly_map), image.shape[:2])
     scaled, _, _ = _scale(m, vmin, vmax, normalize)
     heat = colorize(scaled).astype(np.float32)
     out = (1.0 - a) * image.astype(np.float32) + a * heat
@@ -201,7 +202,7 @@ def side_by_side(
     img_tile = np.asarray(
         Image.fromarray(image).resize((tw, tile), Image.Resampling.BICUBIC), dtype=np.uint8
     )
-    map_tile = resize_map(_check_map(anomaly_map), (tile, tw))
+    map_tile = resize_map(check_map(anomaly_map), (tile, tw))
     scaled, lo, hi = _scale(map_tile, vmin, vmax, normalize)
     heat = colorize(scaled)
     blend = (1.0 - a) * img_tile.astype(np.float32) + a * heat.astype(np.float32)

@@ -17,12 +17,17 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from cops_deploy.build import tensorrt as trt_build
-from cops_deploy.build.onnx_export import ExportError
-from cops_deploy.build.tensorrt import (
+from cops_deploy.errors import (
+    BundleError,
+    ConfigError,
+    EngineBuildError,
+    ExportError,
+    MissingDependencyError,
+)
+from cops_deploy.export import tensorrt as trt_build
+from cops_deploy.export.tensorrt import (
     TRT_INSTALL,
     BatchProfile,
-    EngineBuildError,
     build_engine,
     build_engine_cached,
     check_engine_key,
@@ -33,7 +38,6 @@ from cops_deploy.build.tensorrt import (
     profile_shapes,
     read_cached_key,
 )
-from cops_deploy.errors import BundleError, ConfigError, MissingDependencyError
 from cops_deploy.runtime.bundle import EngineKey, sha256_file
 
 MACHINE = {"tensorrt_version": "10.13.0", "gpu_name": "NVIDIA H200", "compute_capability": "9.0"}
@@ -367,9 +371,9 @@ def _require_tensorrt_gpu():
 def test_build_tiny_engines(precision, tmp_path):
     _require_tensorrt_gpu()
     from cops_deploy import create_model
-    from cops_deploy.build.fp16 import export_fp16_onnx
-    from cops_deploy.build.graphs import HeadGraph, VisionGraph, example_inputs
-    from cops_deploy.build.onnx_export import export_onnx
+    from cops_deploy.export.fp16 import export_fp16_onnx
+    from cops_deploy.export.graphs import HeadGraph, VisionGraph, example_inputs
+    from cops_deploy.export.onnx_export import export_onnx
 
     model = create_model("cops-tiny", seed=0)
     export = export_fp16_onnx if precision == "fp16" else export_onnx

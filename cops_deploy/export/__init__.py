@@ -1,0 +1,1 @@
+"""cops_deploy.export."""
