@@ -412,10 +412,9 @@ def _metadata(cfg: Any, provenance: Any, parity: dict[str, Any], args: Any) -> d
     import onnxruntime
     import torch
 
-    from cops_deploy.runtime.bundle import GraphIO, HeadCfg, PreprocessCfg
+    from cops_deploy.runtime.bundle import GraphIO
     from cops_deploy.runtime.contract import graph_specs
 
-    pre, head = cfg.preprocess, cfg.head
     graphs = {}
     for name in ("vision", "head"):
         inputs, outputs = graph_specs(name, cfg)
@@ -431,15 +430,6 @@ def _metadata(cfg: Any, provenance: Any, parity: dict[str, Any], args: Any) -> d
         versions["tensorrt"] = str(import_tensorrt().__version__)
     return {
         "model_config": cfg.to_dict(),
-        "preprocess": PreprocessCfg(pre.size, tuple(pre.mean), tuple(pre.std), pre.interpolation),
-        "head": HeadCfg(
-            alpha=head.alpha,
-            beta=head.beta,
-            sigma=head.sigma,
-            R=head.samples,
-            tau=head.tau,
-            kernel=head.neighbour_kernel,
-        ),
         "graphs": graphs,
         "provenance": provenance,
         "parity": parity,
@@ -488,8 +478,6 @@ def _add_engines(args: argparse.Namespace) -> int:
                 writer.add_engine(Path(work) / f"{name}.engine", key, name=f"{name}.engine")
             writer.set_metadata(
                 model_config=manifest.model_config,
-                preprocess=manifest.preprocess,
-                head=manifest.head,
                 graphs=manifest.graphs,
                 provenance=manifest.provenance,
                 parity=manifest.parity,

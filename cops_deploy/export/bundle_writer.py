@@ -25,8 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from cops_deploy.configs import CopsCfg
 from cops_deploy.errors import BundleError, MissingDependencyError
-from cops_deploy.runtime.bundle import (
+from cops_deploy.runtime.bundle import open_bundle, sha256_file
+from cops_deploy.runtime.manifest import (
     MANIFEST_NAME,
     REQUIRED_ROLES,
     ROLE_ENGINE,
@@ -34,14 +36,10 @@ from cops_deploy.runtime.bundle import (
     EngineKey,
     FileEntry,
     GraphIO,
-    HeadCfg,
     Manifest,
-    PreprocessCfg,
     Provenance,
     check_relative_path,
     external_data_role,
-    open_bundle,
-    sha256_file,
 )
 from cops_deploy.version import __version__
 
@@ -49,7 +47,7 @@ __all__ = ["BundleWriter", "onnx_external_data_files", "onnx_tensors"]
 
 _PathLike = str | os.PathLike[str]
 _UNSET: Any = object()
-_REQUIRED_METADATA = ("model_config", "preprocess", "head", "graphs", "provenance")
+_REQUIRED_METADATA = ("model_config", "graphs", "provenance")
 
 
 def onnx_external_data_files(onnx_path: _PathLike) -> list[str]:
@@ -228,9 +226,7 @@ class BundleWriter:
     def set_metadata(
         self,
         *,
-        model_config: Mapping[str, Any] = _UNSET,
-        preprocess: PreprocessCfg | Mapping[str, Any] = _UNSET,
-        head: HeadCfg | Mapping[str, Any] = _UNSET,
+        model_config: CopsCfg | Mapping[str, Any] = _UNSET,
         graphs: Mapping[str, GraphIO | Mapping[str, Any]] = _UNSET,
         provenance: Provenance | Mapping[str, Any] = _UNSET,
         parity: Mapping[str, Any] = _UNSET,
@@ -240,12 +236,12 @@ class BundleWriter:
     ) -> None:
         """Set manifest fields (dataclasses or their dict form; validated when the block ends).
 
-        May be called several times: the last value given for a field wins.
+        May be called several times: the last value given for a field wins. The manifest's
+        ``preprocess`` is not set here: it is derived from ``model_config`` (its ``preprocess``
+        section), and the head parameters are ``model_config``'s ``head`` section.
         """
         given = {
             "model_config": model_config,
-            "preprocess": preprocess,
-            "head": head,
             "graphs": graphs,
             "provenance": provenance,
             "parity": parity,
@@ -311,9 +307,11 @@ class BundleWriter:
                 os.fsync(fh.fileno())
             files.append(FileEntry(name, sha256_file(path), path.stat().st_size, self._roles[name]))
         meta = self._meta
+        model_config = _jsonable(meta["model_config"])
         data = {
             **{k: _jsonable(v) for k, v in meta.items()},
             "schema_version": SCHEMA_VERSION,
+            "preprocess": _derived_preprocess(self.out_dir, model_config),
             "files": [f.to_dict() for f in files],
             "engines": {k: key.to_dict() for k, key in self._engines.items()},
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -403,6 +401,22 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {k: _jsonable(v) for k, v in value.items()}
     return value
+
+
+def _derived_preprocess(out_dir: Path, model_config: Any) -> Any:
+    """The manifest's ``preprocess``: a copy of ``model_config``'s (the reader checks they agree)."""
+    if not isinstance(model_config, Mapping) or "preprocess" not in model_config:
+        given = (
+            f"an object with keys {sorted(model_config, key=str)}"
+            if isinstance(model_config, Mapping)
+            else f"a {type(model_config).__name__}"
+        )
+        raise BundleError(
+            f"bundle {out_dir}: model_config is {given}, with no 'preprocess' section; valid: "
+            f"a CoPS config (the manifest's preprocess is derived from it). Fix: pass "
+            f"set_metadata(model_config=cfg) or model_config=cfg.to_dict()."
+        )
+    return model_config["preprocess"]
 
 
 def _relative_to(path: Path, base: Path, model: Path) -> Path:

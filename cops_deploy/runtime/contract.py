@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from cops_deploy.configs import CopsCfg
 from cops_deploy.errors import ConfigError
-from cops_deploy.runtime.bundle import TensorSpec
+from cops_deploy.runtime.manifest import TensorSpec
 
 __all__ = [
     "ANOMALY_MAP",

@@ -76,8 +76,9 @@ def test_manifest_records_parity_config_and_io(smoke):
     assert parity["images"] == 2 and parity["precision"] == "fp32"
     assert manifest.model_config["name"] == "cops-tiny"
     assert manifest.preprocess.size == 98 and manifest.preprocess.interpolation == "bicubic"
-    head = manifest.head
-    assert (head.alpha, head.beta, head.sigma, head.R, head.kernel) == (0.3, 0.9, 4.0, 10, 5)
+    head = manifest.model_config["head"]  # what head.onnx was built with
+    assert (head["alpha"], head["beta"], head["sigma"]) == (0.3, 0.9, 4.0)
+    assert (head["samples"], head["neighbour_kernel"]) == (10, 5)
     vision, head_io = manifest.graphs["vision"], manifest.graphs["head"]
     assert vision.file == "vision.onnx" and head_io.file == "head.onnx"
     assert [t.name for t in vision.inputs] == ["image"]

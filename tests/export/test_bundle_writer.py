@@ -10,23 +10,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from jsonschema import Draft202012Validator
 
+from cops_deploy.configs import get_config
 from cops_deploy.errors import BundleError
 from cops_deploy.export import bundle_writer
 from cops_deploy.export.bundle_writer import BundleWriter, onnx_external_data_files
-from cops_deploy.runtime.bundle import (
+from cops_deploy.runtime.bundle import open_bundle, sha256_file
+from cops_deploy.runtime.contract import graph_specs
+from cops_deploy.runtime.manifest import (
     MANIFEST_NAME,
     EngineKey,
     GraphIO,
-    HeadCfg,
-    PreprocessCfg,
     Provenance,
     TensorSpec,
-    open_bundle,
-    sha256_file,
+    load_schema,
 )
 
 onnx = pytest.importorskip("onnx")
+TINY = get_config("cops-tiny")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 
@@ -60,9 +62,7 @@ def set_meta(writer: BundleWriter, **overrides: object) -> None:
         outputs=(TensorSpec("y", "float32", ("batch", 3)),),
     )
     meta: dict[str, object] = {
-        "model_config": {"name": "cops-tiny", "width": 64},
-        "preprocess": PreprocessCfg(518, (0.48, 0.46, 0.41), (0.27, 0.26, 0.28), "bicubic"),
-        "head": HeadCfg(alpha=0.3, beta=0.9, sigma=4.0, R=10, tau=0.07, kernel=5),
+        "model_config": TINY.to_dict(),
         "graphs": {"vision": io},
         "provenance": Provenance(random_weights=True),
         "parity": {"max_abs": 1e-6},
@@ -123,7 +123,8 @@ def test_round_trip_with_external_data(tmp_path: Path) -> None:
     assert data_entry.sha256 == sha256_file(src / "vision.onnx.data")
     assert data_entry.size == (src / "vision.onnx.data").stat().st_size
     assert m.engines == {"vision.engine": key}
-    assert m.head.R == 10 and m.threshold == 0.5 and m.parity == {"max_abs": 1e-6}
+    assert m.preprocess == TINY.preprocess and m.model_config == TINY.to_dict()
+    assert m.threshold == 0.5 and m.parity == {"max_abs": 1e-6}
     assert m.tool_versions["onnx"] == onnx.__version__ and "numpy" in m.tool_versions
     loaded = onnx.load(str(bundle.path_of("vision_onnx")))
     np.testing.assert_array_equal(numpy_helper.to_array(loaded.graph.initializer[0]), weight)
@@ -156,7 +157,7 @@ def test_metadata_as_dicts(tmp_path: Path) -> None:
         w.add_onnx(tmp_path / "src" / "vision.onnx", "vision_onnx")
         set_meta(
             w,
-            head={"alpha": 0.26, "beta": 1.0, "sigma": 4, "R": 10, "tau": 0.07, "kernel": 3},
+            model_config=TINY.replace(**{"head.neighbour_kernel": 3}),  # a CopsCfg, not a dict
             provenance={
                 "random_weights": False,
                 "checkpoint_sha256": "c" * 64,
@@ -165,7 +166,8 @@ def test_metadata_as_dicts(tmp_path: Path) -> None:
             threshold=None,
         )
     m = open_bundle(out, required_roles=["vision_onnx"]).manifest
-    assert m.head.kernel == 3 and m.threshold is None and not m.provenance.random_weights
+    assert m.model_config["head"]["neighbour_kernel"] == 3
+    assert m.threshold is None and not m.provenance.random_weights
 
 
 # -- existing output and --force ---------------------------------------------------------------
@@ -259,7 +261,9 @@ def test_missing_required_role_fails_commit_cleanly(tmp_path: Path) -> None:
 
 def test_metadata_never_set(tmp_path: Path) -> None:
     out = tmp_path / "b"
-    with pytest.raises(BundleError, match=r"\['model_config', 'preprocess'.*never set"):
+    with pytest.raises(
+        BundleError, match=r"\['model_config', 'graphs', 'provenance'\] were never set"
+    ):
         with BundleWriter(out, required_roles=()) as w:
             w.add_bytes(b"x", "x.bin", "x")
     assert siblings(out) == []
@@ -269,8 +273,15 @@ def test_metadata_never_set(tmp_path: Path) -> None:
     ("override", "message"),
     [
         ({"parity": {"max_abs": float("nan")}}, "not strict JSON"),
-        ({"head": {"alpha": 0.3}}, "manifest key 'head.beta' is missing"),
-        ({"preprocess": "bicubic"}, "'preprocess' is 'bicubic'; valid: a JSON object"),
+        (
+            {"model_config": {**TINY.to_dict(), "head": {"alpha": 0.3}}},
+            r"manifest keys 'model_config.head.samples', .*'model_config.head.neighbour_kernel' are",
+        ),
+        (
+            {"model_config": {"name": "cops-tiny"}},
+            r"model_config is an object with keys \['name'\], with no 'preprocess' section",
+        ),
+        ({"model_config": "cops-tiny"}, "model_config is a str, with no 'preprocess' section"),
     ],
 )
 def test_invalid_metadata_is_refused(tmp_path: Path, override: dict, message: str) -> None:
@@ -278,6 +289,35 @@ def test_invalid_metadata_is_refused(tmp_path: Path, override: dict, message: st
     with pytest.raises(BundleError, match=message):
         with BundleWriter(out, required_roles=()) as w:
             set_meta(w, graphs={}, **override)
+    assert siblings(out) == []
+
+
+def test_preprocess_is_derived_from_model_config(tmp_path: Path) -> None:
+    out = write_minimal(tmp_path / "b")
+    written = json.loads((out / MANIFEST_NAME).read_text())
+    assert written["preprocess"] == written["model_config"]["preprocess"]
+    assert "head" not in written  # the head parameters are model_config["head"]
+    Draft202012Validator(load_schema()).validate(written)  # what any schema validator accepts
+
+
+@pytest.mark.parametrize("field", ["preprocess", "head"])
+def test_set_metadata_takes_no_preprocess_or_head(tmp_path: Path, field: str) -> None:
+    with pytest.raises(TypeError, match=f"unexpected keyword argument '{field}'"):
+        with BundleWriter(tmp_path / "b", required_roles=()) as w:
+            w.set_metadata(**{field: {}})
+    assert siblings(tmp_path / "b") == []
+
+
+def test_preprocess_size_must_fit_the_vision_graph(tmp_path: Path) -> None:
+    other = TINY.replace(**{"preprocess.size": 56, "vision.input_size": 56})
+    inputs, outputs = graph_specs("vision", TINY)  # image (batch, 3, 98, 98)
+    out = tmp_path / "b"
+    with pytest.raises(BundleError, match=r"'preprocess.size' is 56 but 'graphs.vision.inp"):
+        with BundleWriter(out, required_roles=["vision_onnx"]) as w:
+            w.add_bytes(b"graph", "vision.onnx", "vision_onnx")
+            set_meta(
+                w, model_config=other, graphs={"vision": GraphIO("vision.onnx", inputs, outputs)}
+            )
     assert siblings(out) == []
 
 

@@ -18,14 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from cops_deploy.runtime.bundle import (
-    EngineKey,
-    GraphIO,
-    HeadCfg,
-    PreprocessCfg,
-    Provenance,
-    TensorSpec,
-)
+from cops_deploy.runtime.manifest import EngineKey, GraphIO, Provenance, TensorSpec
 
 SEED = 0
 MODEL = "cops-tiny"
@@ -187,7 +180,6 @@ def write_tiny_bundle(
     from cops_deploy.runtime.bundle import sha256_file
 
     cfg = get_config(MODEL)
-    h, p = cfg.head, cfg.preprocess
     with BundleWriter(out) as writer:
         writer.add_onnx(graphs_dir / "vision.onnx", role="vision_onnx")
         writer.add_onnx(graphs_dir / "head.onnx", role="head_onnx")
@@ -209,8 +201,6 @@ def write_tiny_bundle(
                 writer.add_engine(fake, key, f"{graph}.engine")
         writer.set_metadata(
             model_config=cfg.to_dict(),
-            preprocess=PreprocessCfg(p.size, tuple(p.mean), tuple(p.std), p.interpolation),
-            head=HeadCfg(h.alpha, h.beta, h.sigma, h.samples, h.tau, h.neighbour_kernel),
             graphs={
                 "vision": graph_io(graphs_dir / "vision.onnx", "vision.onnx"),
                 "head": graph_io(graphs_dir / "head.onnx", "head.onnx"),

@@ -309,8 +309,6 @@ def _bundle_with_real_engines(tmp_path: Path, graphs: Path, write) -> Path:
         m = base.manifest
         writer.set_metadata(
             model_config=m.model_config,
-            preprocess=m.preprocess,
-            head=m.head,
             graphs=m.graphs,
             provenance=m.provenance,
         )
