@@ -224,12 +224,13 @@ def open_bundle(
 def _check_image_size(root: Path, manifest: Manifest) -> None:
     """preprocess.size is the height and width of the vision graph's image input."""
     vision = manifest.graphs.get("vision")
-    inputs = [] if vision is None else [t for t in vision.inputs if t.name == IMAGE]
-    if not inputs:
+    images = (
+        [] if vision is None else [(i, t) for i, t in enumerate(vision.inputs) if t.name == IMAGE]
+    )
+    if not images:
         return  # no vision graph: nothing to compare (required roles and backends say more)
-    spec, size = inputs[0], manifest.preprocess.size
+    (index, spec), size = images[0], manifest.preprocess.size
     if len(spec.shape) != 4 or tuple(spec.shape[2:]) != (size, size):
-        index = vision.inputs.index(spec)  # type: ignore[union-attr]
         raise BundleError(
             f"bundle {root}: manifest key 'preprocess.size' is {size} but "
             f"'graphs.vision.inputs[{index}].shape' is {list(spec.shape)}; valid: an image "

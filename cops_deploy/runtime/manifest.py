@@ -139,8 +139,8 @@ _Validator = validators.extend(
         {"number": _is_number, "integer": _is_integer}
     ),
 )
-# Of several errors, report the shallowest (what is wrong "more"), a type or missing-key error
-# before a value error at the same key, and the provenance rule ('not') last.
+# Of several errors, report the shallowest (what is wrong "more"), a type error before a value
+# error at the same key, and the provenance rule ('not') last.
 _RELEVANCE = by_relevance(weak=frozenset({"anyOf", "oneOf", "not"}), strong=frozenset({"type"}))
 _TYPE_WORDS = {
     "integer": "an integer",
@@ -254,7 +254,10 @@ def _check_nesting(data: Any, where: str) -> None:
         if isinstance(node, Mapping):
             for name, child in node.items():
                 if not isinstance(name, str):
-                    raise _bad(key, name, "JSON objects with string keys")
+                    raise BundleError(
+                        f"manifest object '{_clip(key) or '<manifest>'}' has the key {name!r}, "
+                        f"which is not a string; valid: string keys (JSON). {FIX_REEXPORT}"
+                    )
                 stack.append((child, _dotted(key, name), depth + 1))
         elif isinstance(node, list | tuple):
             stack.extend((child, _dotted(key, i), depth + 1) for i, child in enumerate(node))

@@ -470,7 +470,7 @@ MALFORMED: list[tuple[str, Mutation, str]] = [
     # nesting deeper than the schema walk allows (where Python would raise RecursionError)
     (
         "deep parity",
-        setting("parity/deep", nested(2 * MAX_DEPTH)),
+        setting("parity/deep", nested(400)),
         r"manifest key 'parity.deep.a.a.a.*' nests more than 32 levels",
     ),
     (
@@ -597,6 +597,16 @@ def test_unparsable_manifest_is_refused(bundle_dir: Path, text: bytes, message: 
     assert "Fix:" in str(info.value)
 
 
+def test_nesting_limit_is_max_depth() -> None:
+    """parity.deep.<k levels>.x: the leaf is at depth k + 3, refused beyond MAX_DEPTH."""
+    data = sample()
+    data["parity"]["deep"] = nested(MAX_DEPTH - 3)
+    assert Manifest.from_dict(data).parity["deep"]["a"]
+    data["parity"]["deep"] = nested(MAX_DEPTH - 2)
+    with pytest.raises(BundleError, match=f"nests more than {MAX_DEPTH} levels"):
+        Manifest.from_dict(data)
+
+
 def test_overflowing_number_is_refused(bundle_dir: Path) -> None:
     text = (bundle_dir / MANIFEST_NAME).read_text()
     assert '"threshold": 0.42' in text
@@ -646,6 +656,13 @@ def test_any_wrong_value_anywhere_gives_a_bundle_error() -> None:
             except BundleError:
                 refused += 1
     assert refused > 400
+
+
+def test_non_string_object_key_is_refused() -> None:
+    data = sample()
+    data["graphs"][1] = data["graphs"]["vision"]
+    with pytest.raises(BundleError, match="object 'graphs' has the key 1, which is not a string"):
+        Manifest.from_dict(data)
 
 
 def test_engine_key_from_dict_names_the_key() -> None:
