@@ -340,7 +340,7 @@ def overlay_grid(
     (drawn black), or None for no masks at all; ``maps``: (H, W) anomaly maps. Each panel is
     resized to a ``tile`` x ``tile`` square; only the first ``max_rows`` images are drawn.
 
-    The jet colour scale (:func:`cops_deploy.imaging.visualize.colorize`) runs from ``vmin``
+    The jet colour scale (:func:`cops_deploy.imaging.visualize.colour_range`) runs from ``vmin``
     to ``vmax``, 0 and 1 by default as for ``side_by_side``; ``stretch=True`` uses the min and
     max over all drawn maps instead (one scale for the grid, so rows still compare).
     ``row_labels`` (e.g. file name and score) are written on the image panels. The PNG is
