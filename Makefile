@@ -24,8 +24,10 @@ test: venv
 bench: venv
 	$(BIN)/python -m pytest -q benchmarks
 
+# ruff, then the import contracts in .importlinter (imports point down; torch-free run side).
 lint: venv
 	$(BIN)/ruff check cops_deploy tests benchmarks
+	$(BIN)/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) demo_out bench_out .pytest_cache

@@ -14,6 +14,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cops_deploy.cli.dataset_args import (
+    DatasetRunHelp,
+    add_dataset_run_arguments,
+    dataset_run_fields,
+)
+
+EVAL_HELP = DatasetRunHelp(
+    out="output folder",
+    classes="evaluate",
+    random_clip="random CLIP from --seed (for models trained with `cops train --random-clip`)",
+    seed="the random CLIP",
+    batch_size=4,
+)
+
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``eval`` command to the ``cops`` sub-parsers."""
@@ -26,12 +40,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "and overlay grids."
         ),
     )
-    p.add_argument("--data", required=True, type=Path, help="dataset root holding meta.json")
-    p.add_argument(
-        "--dataset",
-        required=True,
-        help="dataset name (see `cops data list`; 'synth' or 'custom' for others)",
-    )
+    add_dataset_run_arguments(p, EVAL_HELP)
     p.add_argument(
         "--weights",
         required=True,
@@ -39,19 +48,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="CoPS weights: a reference .pth, or a saved model folder (a `cops train` RUN/model)",
     )
     p.add_argument(
-        "--clip-weights",
-        help="'openai' (download) or an OpenAI CLIP .pt / state dict / safetensors",
-    )
-    p.add_argument(
-        "--random-clip",
-        action="store_true",
-        help="random CLIP from --seed (for models trained with `cops train --random-clip`)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the random CLIP (default 0)")
-    p.add_argument(
         "--model", help="architecture (default: the one saved with --weights, else the paper's)"
     )
-    p.add_argument("--out", required=True, type=Path, help="output folder (new or empty)")
     p.add_argument(
         "--preset",
         default="paper",
@@ -59,11 +57,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="head values: paper (alpha 0.3, beta 0.9, kernel 5) or reference (the reference "
         "test script: 0.26, 0.9, 5; on VisA 0.35, 1.0, 3); default paper",
     )
-    p.add_argument("--classes", nargs="+", help="evaluate these classes only (default: all)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
     p.add_argument("--force", action="store_true", help="replace the results in a non-empty --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
 
@@ -71,23 +65,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Run ``cops eval``; returns the exit status."""
     from cops_deploy.evaluate.evaluator import EvalCfg, format_mean_row, run_eval
-    from cops_deploy.train.trainer import parse_classes
 
     cfg = EvalCfg(
-        data=args.data,
-        dataset=args.dataset,
-        out=args.out,
-        weights=args.weights,
-        clip_weights=args.clip_weights,
-        model=args.model,
-        preset=args.preset,
-        classes=parse_classes(args.classes),
-        batch_size=args.batch_size,
-        device=args.device,
-        random_clip=args.random_clip,
-        seed=args.seed,
-        force=args.force,
-        progress=not args.no_progress,
+        **dataset_run_fields(args), weights=args.weights, preset=args.preset, force=args.force
     )
     result, files = run_eval(cfg, warn=lambda text: print(text, file=sys.stderr))
     h = result.head

@@ -14,8 +14,9 @@ import pkgutil
 import sys
 from collections.abc import Sequence
 
-import cops_deploy
+import cops_deploy.cli as cli_pkg
 from cops_deploy.errors import CopsError
+from cops_deploy.version import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,10 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cops", description="CoPS zero-shot anomaly detection: predict, data, train, eval."
     )
-    parser.add_argument("--version", action="version", version=cops_deploy.__version__)
+    parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    import cops_deploy.cli as cli_pkg
-
     for info in sorted(pkgutil.iter_modules(cli_pkg.__path__), key=lambda m: m.name):
         if info.name.endswith("_cmd"):
             module = importlib.import_module(f"cops_deploy.cli.{info.name}")

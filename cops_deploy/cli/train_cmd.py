@@ -9,8 +9,22 @@ See :mod:`cops_deploy.train.trainer` for what a run folder holds.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
+
+from cops_deploy.cli.dataset_args import (
+    DatasetRunHelp,
+    add_dataset_run_arguments,
+    dataset_run_fields,
+)
+
+TRAIN_HELP = DatasetRunHelp(
+    out="run folder",
+    classes="train on",
+    random_clip="train on a randomly initialised CLIP (smoke runs; results are meaningless)",
+    seed="everything random",
+    batch_size=8,
+    dataset_note=": sets the neighbour kernel (3 on mvtec, else 5) and the recon loss (off on visa)",
+)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -24,59 +38,28 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "frozen. Writes a checkpoint per epoch, a loss log and the final model to --out."
         ),
     )
-    p.add_argument("--data", required=True, type=Path, help="dataset root holding meta.json")
-    p.add_argument(
-        "--dataset",
-        required=True,
-        help="dataset name (see `cops data list`; 'synth' or 'custom' for others): sets the "
-        "neighbour kernel (3 on mvtec, else 5) and the recon loss (off on visa)",
-    )
-    p.add_argument("--out", required=True, type=Path, help="run folder (new or empty)")
+    add_dataset_run_arguments(p, TRAIN_HELP)
     p.add_argument("--model", default="cops-vit-l-14-336", help="architecture name")
-    p.add_argument(
-        "--clip-weights",
-        help="'openai' (download) or an OpenAI CLIP .pt / state dict / safetensors",
-    )
-    p.add_argument(
-        "--random-clip",
-        action="store_true",
-        help="train on a randomly initialised CLIP (smoke runs; results are meaningless)",
-    )
     p.add_argument("--epochs", type=int, default=10, help="epochs (default 10)")
-    p.add_argument("--batch-size", type=int, default=8, help="batch size (default 8)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    p.add_argument("--seed", type=int, default=0, help="seed of everything random (default 0)")
-    p.add_argument("--classes", nargs="+", help="train on these classes only (default: all)")
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
     )
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``cops train``; returns the exit status."""
-    from cops_deploy.train.trainer import TrainCfg, parse_classes, train
+    from cops_deploy.train.trainer import TrainCfg, train
 
     cfg = TrainCfg(
-        data=args.data,
-        dataset=args.dataset,
-        out=args.out,
-        model=args.model,
-        clip_weights=args.clip_weights,
-        random_clip=args.random_clip,
+        **dataset_run_fields(args),
         epochs=args.epochs,
-        batch_size=args.batch_size,
         lr=args.lr,
-        seed=args.seed,
-        classes=parse_classes(args.classes),
         resume=args.resume,
-        device=args.device,
         num_workers=args.workers,
-        progress=not args.no_progress,
     )
     if cfg.random_clip:
         print("note: CLIP is randomly initialised (--random-clip): a smoke run, not a CoPS model")

@@ -44,8 +44,10 @@ from cops_deploy.errors import ConfigError, WeightsError
 from cops_deploy.evaluate.metrics import IMAGE_METRICS, PIXEL_METRICS, PixelMetricAccumulator
 from cops_deploy.evaluate.metrics import image_metrics as compute_image_metrics
 from cops_deploy.evaluate.report import mean_over_classes, overlay_grid, write_results
-from cops_deploy.fileio import prepare_output_dir
+from cops_deploy.fileio import atomic_write_bytes, prepare_output_dir
 from cops_deploy.model.cops import CopsModel
+from cops_deploy.model.factory import create_model
+from cops_deploy.model.weights import CONFIG_FILE, is_own_format
 
 METRICS: tuple[str, ...] = IMAGE_METRICS + PIXEL_METRICS
 PRESETS: tuple[str, ...] = ("paper", "reference")
@@ -287,8 +289,6 @@ def write_eval_outputs(
     title: str | None = None,
 ) -> dict[str, Path]:
     """Write results.{md,csv,json}, scores.csv and overlays/<class>.png into ``out``."""
-    from cops_deploy.fileio import atomic_write_bytes
-
     out = Path(out)
     info = {
         "dataset": result.dataset,
@@ -359,8 +359,6 @@ class EvalCfg:
 
 def _own_format_info(weights: Path) -> dict[str, Any] | None:
     """config.json of a model saved by save_model (None for a reference checkpoint)."""
-    from cops_deploy.model.weights import CONFIG_FILE, is_own_format
-
     if not is_own_format(weights):
         return None
     folder = weights if weights.is_dir() else weights.parent
@@ -374,8 +372,6 @@ def load_eval_model(
     cfg: EvalCfg, head: HeadSettings, warn: Callable[[str], None] | None = None
 ) -> CopsModel:
     """The model ``cops eval`` evaluates: weights, CLIP, architecture and head preset."""
-    from cops_deploy.model.factory import create_model
-
     weights = Path(cfg.weights)
     if not weights.exists():
         raise WeightsError(

@@ -39,7 +39,7 @@ from cops_deploy.evaluate.metrics import IMAGE_METRICS, PIXEL_METRICS
 from cops_deploy.fileio import atomic_write_bytes
 from cops_deploy.imaging.decode import ImageSource, load_image
 from cops_deploy.imaging.preprocess import resize_map
-from cops_deploy.imaging.visualize import check_alpha, colorize
+from cops_deploy.imaging.visualize import blend, check_alpha, colour_range, heatmap
 
 __all__ = [
     "METRIC_ORDER",
@@ -319,27 +319,6 @@ def _check_grid_args(
             )
 
 
-def _colour_range(
-    maps: list[np.ndarray], vmin: float | None, vmax: float | None, stretch: bool
-) -> tuple[float, float]:
-    """(low, high) of the colour scale: fixed (default 0..1) or the drawn maps' min..max."""
-    if stretch:
-        if vmin is not None or vmax is not None:
-            raise ConfigError(
-                f"stretch=True with vmin={vmin!r}, vmax={vmax!r}: the two are exclusive. Fix: "
-                "pass either stretch=True or a fixed vmin/vmax."
-            )
-        return float(min(m.min() for m in maps)), float(max(m.max() for m in maps))
-    lo = 0.0 if vmin is None else float(vmin)
-    hi = 1.0 if vmax is None else float(vmax)
-    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
-        raise ConfigError(
-            f"invalid colour range vmin={vmin!r}, vmax={vmax!r}; valid: finite, vmin < vmax "
-            "(default 0 and 1, the probability range). Fix: pass vmin < vmax or stretch=True."
-        )
-    return lo, hi
-
-
 def overlay_grid(
     images: Sequence[ImageSource],
     gt_masks: Sequence[npt.ArrayLike | None] | None,
@@ -361,7 +340,7 @@ def overlay_grid(
     (drawn black), or None for no masks at all; ``maps``: (H, W) anomaly maps. Each panel is
     resized to a ``tile`` x ``tile`` square; only the first ``max_rows`` images are drawn.
 
-    The jet colour scale (:func:`cops_deploy.imaging.visualize.colorize`) runs from ``vmin``
+    The jet colour scale (:func:`cops_deploy.imaging.visualize.colour_range`) runs from ``vmin``
     to ``vmax``, 0 and 1 by default as for ``side_by_side``; ``stretch=True`` uses the min and
     max over all drawn maps instead (one scale for the grid, so rows still compare).
     ``row_labels`` (e.g. file name and score) are written on the image panels. The PNG is
@@ -370,11 +349,10 @@ def overlay_grid(
     masks = [None] * len(images) if gt_masks is None else list(gt_masks)
     n_labels = None if row_labels is None else len(row_labels)
     _check_grid_args(len(images), len(masks), len(maps), n_labels, max_rows, tile)
-    a = check_alpha(alpha)
+    check_alpha(alpha)
     n_rows = min(len(images), int(max_rows))
     map_arrays = _check_maps(maps, n_rows)
-    lo, hi = _colour_range(map_arrays, vmin, vmax, stretch)
-    scale = np.float32(1.0 / (hi - lo)) if hi > lo else np.float32(0.0)
+    lo, hi = colour_range(map_arrays, vmin, vmax, stretch, option="stretch")
 
     width = 3 * tile + 4 * _GAP
     canvas = Image.new("RGB", (width, _HEADER + n_rows * (tile + _GAP) + _GAP), _BACKGROUND)
@@ -385,10 +363,8 @@ def overlay_grid(
     for i in range(n_rows):
         top = _HEADER + i * (tile + _GAP)
         rgb = Image.fromarray(load_image(images[i])).resize((tile, tile), Image.Resampling.BICUBIC)
-        rgb_arr = np.asarray(rgb, dtype=np.float32)
-        heat = colorize((resize_map(map_arrays[i], (tile, tile)) - np.float32(lo)) * scale)
-        blend = np.clip(np.rint((1.0 - a) * rgb_arr + a * heat.astype(np.float32)), 0, 255)
-        panels = (rgb, _mask_tile(masks[i], tile, i), blend.astype(np.uint8))
+        heat = heatmap(resize_map(map_arrays[i], (tile, tile)), lo, hi)
+        panels = (rgb, _mask_tile(masks[i], tile, i), blend(np.asarray(rgb), heat, alpha))
         for col, panel in enumerate(panels):
             image = panel if isinstance(panel, Image.Image) else Image.fromarray(panel)
             canvas.paste(image, (_GAP + col * (tile + _GAP), top))

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from cops_deploy.errors import ConfigError
-from cops_deploy.export.graphs import _Graph
+from cops_deploy.export.graphs import DeployGraph
 from cops_deploy.export.onnx_export import DEFAULT_OPSET, export_onnx
 
 __all__ = ["ISLAND_OPS", "export_fp16_onnx", "precision_report", "to_fp16"]
@@ -53,7 +53,7 @@ def to_fp16(graph: nn.Module, dtype: torch.dtype = torch.float16) -> nn.Module:
     """
     if dtype not in (torch.float16, torch.bfloat16):
         raise ConfigError(f"to_fp16 dtype must be float16 or bfloat16, got {dtype}")
-    if not isinstance(graph, _Graph):
+    if not isinstance(graph, DeployGraph):
         raise ConfigError(
             f"to_fp16 needs a deploy graph (VisionGraph or HeadGraph from "
             f"cops_deploy.export.graphs), got {type(graph).__name__}. Fix: wrap the model first."

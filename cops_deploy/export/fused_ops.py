@@ -8,8 +8,9 @@ MatMul/Softmax/MatMul form. TensorRT and other consumers do not know ``com.micro
 bundle carries this form only as an extra ONNX Runtime variant of the portable graph
 (``cops_deploy.export.bundle_writer``).
 
-Eagerly (and for shape propagation during export) the op computes the written-out form in
-float32, so a graph using it gives the same numbers in PyTorch as the portable graph.
+Eagerly (and for shape propagation during export) the op computes the written-out form
+(:func:`cops_deploy.model.layers.scaled_attention`, softmax in float32), so a graph using it
+gives the same numbers in PyTorch as the portable graph.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from cops_deploy.model.layers import scaled_attention
 
 __all__ = ["MSFT_DOMAIN", "fused_attention", "onnx_translation_table"]
 
@@ -33,11 +36,11 @@ def fused_attention(
     """
     b, lq, width = q.shape
     d = width // heads
-    qh = q.reshape(b, lq, heads, d).transpose(1, 2) * scale
-    kh = k.reshape(b, k.shape[1], heads, d).transpose(1, 2)
-    vh = v.reshape(b, v.shape[1], heads, v.shape[-1] // heads).transpose(1, 2)
-    scores = (qh @ kh.transpose(-2, -1)).float().softmax(dim=-1).to(v.dtype)
-    return (scores @ vh).transpose(1, 2).reshape(b, lq, v.shape[-1])
+    qh = q.reshape(b, lq, heads, d).transpose(1, 2)  # (B, H, Lq, D)
+    kh = k.reshape(b, k.shape[1], heads, d).transpose(1, 2)  # (B, H, Lk, D)
+    vh = v.reshape(b, v.shape[1], heads, v.shape[-1] // heads).transpose(1, 2)  # (B, H, Lk, Dv)
+    out = scaled_attention(qh, kh, vh, scale, impl="explicit", float32_softmax=True)
+    return out.transpose(1, 2).reshape(b, lq, v.shape[-1])  # (B, Lq, H * Dv)
 
 
 @fused_attention.register_fake

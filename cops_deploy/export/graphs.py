@@ -39,11 +39,12 @@ from cops_deploy.model.head import (
     normalize,
     saga_weight,
 )
-from cops_deploy.model.layers import ATTN_IMPLS, ResidualAttentionBlock
+from cops_deploy.model.layers import ATTN_IMPLS, ResidualAttentionBlock, scaled_attention
 from cops_deploy.runtime.contract import GRAPH_IO_NAMES, graph_specs
 
 __all__ = [
     "FUSED_ATTN",
+    "DeployGraph",
     "DeployModel",
     "HeadGraph",
     "VisionGraph",
@@ -76,30 +77,6 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(-3, -2).flatten(-2)
 
 
-def _attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    scale: float,
-    mask: torch.Tensor | None = None,
-    impl: str = "explicit",
-) -> torch.Tensor:
-    """softmax((q * scale) k^T + mask) v over (..., H, L, D) tensors.
-
-    "explicit" (exported): the scale multiplies q before the first matmul, scores and softmax
-    in float32. "sdpa": PyTorch's fused kernel (the torch backend; several times faster on CPU).
-    """
-    if impl == "sdpa":
-        mask = None if mask is None else mask.to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    if scale != 1.0:
-        q = q * scale
-    scores = (q @ k.transpose(-2, -1)).float()  # (..., H, Lq, Lk)
-    if mask is not None:
-        scores = scores + mask
-    return scores.softmax(dim=-1).to(v.dtype) @ v
-
-
 def _qkv(
     block: ResidualAttentionBlock, h: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -128,8 +105,9 @@ def _mlp_residual(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tenso
     return x + block.mlp(_layer_norm(block.ln_2, x, x.dtype))
 
 
-class _Graph(nn.Module):
-    """Base of the deploy graphs: I/O names, compute dtype, buffers kept in float32."""
+class DeployGraph(nn.Module):
+    """Base of the deploy graphs (:class:`VisionGraph`, :class:`HeadGraph`): I/O names, compute
+    dtype, buffers kept in float32, and the attention form (``attn_impl``)."""
 
     input_names: tuple[str, ...] = ()
     output_names: tuple[str, ...] = ()
@@ -153,12 +131,23 @@ class _Graph(nn.Module):
         self.compute_dtype = torch.float32
         self.attn_impl = attn_impl
 
+    def _attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The model's attention in this graph's form, softmax an FP32 island: (..., H, L, D)."""
+        return scaled_attention(q, k, v, scale, mask, self.attn_impl, float32_softmax=True)
+
 
 # ----------------------------------------------------------------------------------------------
 # Vision
 
 
-class VisionGraph(_Graph):
+class VisionGraph(DeployGraph):
     """CLIP V-VV image tower: (B, 3, S, S) float32 -> (image_embedding (B, E), patch_embedding
     (B, N, E)), both float32. Shares its parameters with ``model``.
 
@@ -222,7 +211,7 @@ class VisionGraph(_Graph):
         if self.attn_impl == FUSED_ATTN:
             return fused_attention(q, k, v, attn.heads, attn.scale)
         heads = (_split_heads(t, attn.heads) for t in (q, k, v))
-        return _merge_heads(_attention(*heads, attn.scale, None, self.attn_impl))
+        return _merge_heads(self._attention(*heads, attn.scale))
 
     def _dual_block(
         self,
@@ -254,7 +243,7 @@ class VisionGraph(_Graph):
 # Head
 
 
-class HeadGraph(_Graph):
+class HeadGraph(DeployGraph):
     """Scoring head: (image_embedding (B, E), patch_embedding (B, N, E)) float32 ->
     (pred_score (B,), anomaly_map (B, S, S)) float32, with the prompts precomputed.
 
@@ -382,7 +371,7 @@ class HeadGraph(_Graph):
         w_kv = attn.in_proj_weight[attn.width :]
         b_kv = attn.in_proj_bias[attn.width :]
         k, v = (_split_heads(t, attn.heads) for t in F.linear(memory, w_kv, b_kv).chunk(2, -1))
-        heads = _attention(self.proto_q, k, v, 1.0, None, self.attn_impl)  # (B, H, 2P, D)
+        heads = self._attention(self.proto_q, k, v, 1.0)  # (B, H, 2P, D)
         x = self.proto_queries + attn.out_proj(_merge_heads(heads))  # (B, 2P, C)
         x = x + ex.mlp(_layer_norm(ex.ln_2, x, dtype))
         return x[:, : self.prototypes], x[:, self.prototypes :]
@@ -415,7 +404,7 @@ class HeadGraph(_Graph):
                 q = q.index_select(-2, self.eot_rows)  # (B, 2, H, R, D)
                 x = x.index_select(-2, self.eot_rows)  # (B, 2, R, W)
                 mask = self.eot_mask
-            heads = _attention(q, k, v, block.attn.scale, mask, self.attn_impl)
+            heads = self._attention(q, k, v, block.attn.scale, mask)
             x = x + _project(block, heads)
             x = _mlp_residual(block, x)
         eot = _layer_norm(self.ln_final, x, x.dtype)  # (B, 2, R, W)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,16 @@ from cops_deploy.fileio import atomic_write_bytes
 from cops_deploy.imaging.decode import load_image
 from cops_deploy.imaging.preprocess import check_map, resize_map
 
-__all__ = ["JET_LUT", "colorize", "overlay", "side_by_side"]
+__all__ = [
+    "JET_LUT",
+    "blend",
+    "check_alpha",
+    "colorize",
+    "colour_range",
+    "heatmap",
+    "overlay",
+    "side_by_side",
+]
 
 # matplotlib's "jet" segment data: (x, y_left, y_right) per channel.
 _JET_SEGMENTS: dict[str, tuple[tuple[float, float, float], ...]] = {
@@ -75,32 +85,60 @@ def colorize(map01: np.ndarray) -> np.ndarray:
     return out
 
 
-def _scale(
-    anomaly_map: np.ndarray, vmin: float | None, vmax: float | None, normalize: bool
-) -> tuple[np.ndarray, float, float]:
-    """Map values to [0, 1] for colouring; returns the scaled map and the (low, high) used."""
-    if normalize:
+def colour_range(
+    maps: Sequence[np.ndarray],
+    vmin: float | None = None,
+    vmax: float | None = None,
+    stretch: bool = False,
+    option: str = "stretch",
+) -> tuple[float, float]:
+    """(low, high) of the jet colour scale of ``maps``, drawn with one scale.
+
+    Fixed by default: ``vmin``..``vmax``, None meaning 0 and 1 (the probability range), so
+    heatmaps compare across images. ``stretch=True``: the min..max of the finite values of all
+    ``maps`` (shows structure, hides the absolute level; exclusive with vmin/vmax). ``option``
+    is the caller's name for ``stretch`` (``normalize``, ``stretch``), used in the message.
+
+    Raises:
+        ConfigError: vmin/vmax with ``stretch``, or a range that is not finite with low < high.
+    """
+    if stretch:
         if vmin is not None or vmax is not None:
             raise ConfigError(
-                f"normalize=True with vmin={vmin!r}, vmax={vmax!r}: the two are exclusive; "
-                "normalize stretches each map over its own min..max. Fix: pass either "
-                "normalize=True or fixed vmin/vmax, not both."
+                f"{option}=True with vmin={vmin!r}, vmax={vmax!r}: the two are exclusive; "
+                f"{option} stretches the colours over the maps' own min..max. Fix: pass either "
+                f"{option}=True or fixed vmin/vmax, not both."
             )
-        finite = anomaly_map[np.isfinite(anomaly_map)]
-        lo = float(finite.min()) if finite.size else 0.0
-        hi = float(finite.max()) if finite.size else 1.0
-        if hi <= lo:  # constant map: draw it at the low end
-            return np.zeros_like(anomaly_map), lo, hi
-    else:
-        lo = 0.0 if vmin is None else float(vmin)
-        hi = 1.0 if vmax is None else float(vmax)
-        if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
-            raise ConfigError(
-                f"invalid colour range vmin={vmin!r}, vmax={vmax!r}; valid: finite values with "
-                "vmin < vmax (default 0 and 1, the probability range). Fix: pass vmin < vmax, "
-                "or normalize=True for a per-image range."
-            )
-    return (anomaly_map - np.float32(lo)) / np.float32(hi - lo), lo, hi
+        finite = [m[np.isfinite(m)] for m in maps]
+        values = np.concatenate([f.ravel() for f in finite]) if finite else np.empty(0)
+        if not values.size:
+            return 0.0, 1.0
+        return float(values.min()), float(values.max())
+    lo = 0.0 if vmin is None else float(vmin)
+    hi = 1.0 if vmax is None else float(vmax)
+    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+        raise ConfigError(
+            f"invalid colour range vmin={vmin!r}, vmax={vmax!r}; valid: finite values with "
+            "vmin < vmax (default 0 and 1, the probability range). Fix: pass vmin < vmax, "
+            f"or {option}=True for the maps' own range."
+        )
+    return lo, hi
+
+
+def heatmap(anomaly_map: np.ndarray, low: float, high: float) -> np.ndarray:
+    """The jet heatmap of ``anomaly_map`` with ``low`` drawn coldest and ``high`` hottest:
+    (H, W, 3) uint8. A constant range (high <= low) is drawn at the cold end."""
+    m = check_map(anomaly_map)
+    if high <= low:
+        return colorize(np.zeros_like(m))
+    return colorize((m - np.float32(low)) / np.float32(high - low))
+
+
+def blend(rgb: np.ndarray, heat: np.ndarray, alpha: float) -> np.ndarray:
+    """``(1 - alpha) * rgb + alpha * heat``, rounded to uint8; both (H, W, 3) of one size."""
+    a = check_alpha(alpha)
+    out = (1.0 - a) * rgb.astype(np.float32) + a * heat.astype(np.float32)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def check_alpha(alpha: float) -> float:
@@ -136,13 +174,11 @@ def overlay(
         ImageReadError: ``rgb`` or ``anomaly_map`` has an unaccepted dtype or shape.
         ConfigError: ``alpha``, ``vmin``/``vmax`` or ``normalize`` is invalid.
     """
-    a = check_alpha(alpha)
+    check_alpha(alpha)
     image = load_image(rgb)
     m = resize_map(check_map(anomaly_map), image.shape[:2])
-    scaled, _, _ = _scale(m, vmin, vmax, normalize)
-    heat = colorize(scaled).astype(np.float32)
-    out = (1.0 - a) * image.astype(np.float32) + a * heat
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    lo, hi = colour_range([m], vmin, vmax, normalize, option="normalize")
+    return blend(image, heatmap(m, lo, hi), alpha)
 
 
 def side_by_side(
@@ -194,7 +230,7 @@ def side_by_side(
             f"invalid score {score!r} of type {type(score).__name__}; valid: a number or None. "
             "Fix: pass float(score)."
         )
-    a = check_alpha(alpha)
+    check_alpha(alpha)
     image = load_image(rgb)
     h, w = image.shape[:2]
     tw = max(1, round(w * tile / h))
@@ -203,10 +239,9 @@ def side_by_side(
         Image.fromarray(image).resize((tw, tile), Image.Resampling.BICUBIC), dtype=np.uint8
     )
     map_tile = resize_map(check_map(anomaly_map), (tile, tw))
-    scaled, lo, hi = _scale(map_tile, vmin, vmax, normalize)
-    heat = colorize(scaled)
-    blend = (1.0 - a) * img_tile.astype(np.float32) + a * heat.astype(np.float32)
-    over = np.clip(np.rint(blend), 0, 255).astype(np.uint8)
+    lo, hi = colour_range([map_tile], vmin, vmax, normalize, option="normalize")
+    heat = heatmap(map_tile, lo, hi)
+    over = blend(img_tile, heat, alpha)
 
     canvas = Image.new("RGB", (3 * tw + 2 * _GAP, _CAPTION_H + tile), _BACKGROUND)
     range_name = "min-max" if normalize else "range"

@@ -44,14 +44,29 @@ def scaled_attention(
     scale: float,
     mask: torch.Tensor | None = None,
     impl: str = "sdpa",
+    float32_softmax: bool = False,
 ) -> torch.Tensor:
-    """softmax((q * scale) k^T + mask) v over (B, H, L, D) tensors."""
+    """softmax((q * scale) k^T + mask) v over (..., H, L, D) tensors; the one attention of the
+    model and of the deploy graphs (``cops_deploy.export.graphs``).
+
+    ``impl`` "sdpa": PyTorch's fused kernel (the mask is cast to q's dtype). "explicit": written
+    out as plain matmuls (what ONNX export traces); the scale multiplies q before the first
+    matmul, as fused attention kernels expect. ``float32_softmax`` (explicit only): the scores,
+    mask and softmax are computed in float32 and the weights cast back to v's dtype, the FP32
+    island of an FP16 graph; it changes nothing for float32 inputs.
+    """
     if impl == "sdpa":
+        mask = None if mask is None else mask.to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    attn = (q * scale) @ k.transpose(-2, -1)  # (B, H, Lq, Lk)
+    if scale != 1.0:
+        q = q * scale
+    scores = q @ k.transpose(-2, -1)  # (..., H, Lq, Lk)
+    if float32_softmax:
+        scores = scores.float()
     if mask is not None:
-        attn = attn + mask
-    return attn.softmax(dim=-1) @ v
+        scores = scores + mask
+    weights = scores.softmax(dim=-1)
+    return (weights.to(v.dtype) if float32_softmax else weights) @ v
 
 
 class Attention(nn.Module):

@@ -95,14 +95,29 @@ def _is_torchscript(path: Path) -> bool:
         return any(name.endswith("constants.pkl") or "/code/" in name for name in zf.namelist())
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(path: str | Path, what: str = "weights file") -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file (on the CPU); WeightsError naming ``what`` and the file
+    when it cannot be read."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise WeightsError(f"cannot read {path} as safetensors: {exc}") from exc
+        raise WeightsError(
+            f"cannot read {what} {path} as safetensors: {exc}. Valid: a file written by "
+            "safetensors (save_model, a training checkpoint). Fix: pass an intact file, or "
+            "write it again."
+        ) from exc
+
+
+def safetensors_bytes(
+    tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> bytes:
+    """``tensors`` (contiguous CPU copies) serialised as safetensors."""
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata)
 
 
 def read_openai_clip(path: str | Path) -> dict[str, torch.Tensor]:
@@ -112,7 +127,7 @@ def read_openai_clip(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise WeightsError(f"CLIP weights file {path} does not exist")
     if path.suffix == ".safetensors":
-        sd = _read_safetensors(path)
+        sd = read_safetensors(path, "CLIP weights file")
     elif _is_torchscript(path):
         try:
             sd = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
@@ -189,10 +204,7 @@ def save_safetensors(
     tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
 ) -> None:
     """Atomically write contiguous CPU copies of ``tensors`` as safetensors."""
-    from safetensors.torch import save
-
-    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata)
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
 
 
 def read_own_format(path: str | Path) -> tuple[CopsCfg, dict[str, torch.Tensor]]:
@@ -210,7 +222,9 @@ def read_own_format(path: str | Path) -> tuple[CopsCfg, dict[str, torch.Tensor]]
         raw = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as exc:
         raise WeightsError(f"{cfg_path} is not valid JSON: {exc}") from exc
-    return config_from_dict(raw["model"] if "model" in raw else raw), _read_safetensors(weights)
+    return config_from_dict(raw["model"] if "model" in raw else raw), read_safetensors(
+        weights, "model weights file"
+    )
 
 
 def is_own_format(path: str | Path) -> bool:

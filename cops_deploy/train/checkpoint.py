@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from cops_deploy.errors import WeightsError
+from cops_deploy.model.weights import read_safetensors, safetensors_bytes
 
 CHECKPOINT_FORMAT = "cops-deploy-train-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -168,12 +169,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _safetensors_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
-    from safetensors.torch import save
-
-    return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
-
-
 def checkpoint_dir(root: Path, epoch: int) -> Path:
     """The folder of the checkpoint after ``epoch`` epochs."""
     return Path(root) / f"{_PREFIX}{epoch:04d}"
@@ -196,11 +191,11 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
     try:
         files = {
-            PROMPT_FILE: _write_synced(tmp / PROMPT_FILE, _safetensors_bytes(prompt)),
+            PROMPT_FILE: _write_synced(tmp / PROMPT_FILE, safetensors_bytes(prompt)),
             OPTIMIZER_FILE: _write_synced(
-                tmp / OPTIMIZER_FILE, _safetensors_bytes(optimizer_tensors)
+                tmp / OPTIMIZER_FILE, safetensors_bytes(optimizer_tensors)
             ),
-            RNG_FILE: _write_synced(tmp / RNG_FILE, _safetensors_bytes(rng)),
+            RNG_FILE: _write_synced(tmp / RNG_FILE, safetensors_bytes(rng)),
         }
         state = {
             "format": CHECKPOINT_FORMAT,
@@ -252,16 +247,6 @@ def remove_stale_temporaries(root: str | os.PathLike[str]) -> list[Path]:
     return stale
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise WeightsError(f"cannot read checkpoint file {path} as safetensors: {exc}") from exc
-
-
 def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Read and verify one checkpoint folder."""
     path = Path(path)
@@ -292,9 +277,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         path=path,
         epoch=int(state["epoch"]),
         step=int(state["step"]),
-        prompt=_read_safetensors(path / PROMPT_FILE),
-        optimizer_tensors=_read_safetensors(path / OPTIMIZER_FILE),
+        prompt=read_safetensors(path / PROMPT_FILE, "checkpoint file"),
+        optimizer_tensors=read_safetensors(path / OPTIMIZER_FILE, "checkpoint file"),
         optimizer_meta=state["optimizer"],
-        rng=_read_safetensors(path / RNG_FILE),
+        rng=read_safetensors(path / RNG_FILE, "checkpoint file"),
         extra=state.get("extra", {}),
     )

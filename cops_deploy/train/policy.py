@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from cops_deploy.data.solvers import canonical_dataset
 
-__all__ = ["canonical_dataset", "training_kernel", "uses_recon"]
+__all__ = ["training_kernel", "uses_recon"]
 
 
 def training_kernel(dataset: str) -> int:

@@ -20,7 +20,6 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cops_deploy.data.dataset import DatasetItem, MetaDataset
+from cops_deploy.data.solvers import canonical_dataset
 from cops_deploy.errors import ConfigError, TrainingError
 from cops_deploy.model.cops import CopsModel
 from cops_deploy.model.factory import create_model, save_model
@@ -45,7 +45,7 @@ from cops_deploy.train.checkpoint import (
 )
 from cops_deploy.train.forward import training_forward
 from cops_deploy.train.losses import LossTerms, cops_loss
-from cops_deploy.train.policy import canonical_dataset, training_kernel, uses_recon
+from cops_deploy.train.policy import training_kernel, uses_recon
 from cops_deploy.version import __version__
 
 CONFIG_FILE = "train_config.json"
@@ -406,11 +406,3 @@ def read_loss_log(path: str | os.PathLike[str], kind: str = "epoch") -> list[dic
     """The records of a run's ``losses.jsonl`` of one kind ("step" or "epoch")."""
     records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     return [r for r in records if r.get("kind") == kind]
-
-
-def parse_classes(values: Sequence[str] | None) -> tuple[str, ...] | None:
-    """``--classes a b`` or ``--classes a,b`` as a tuple (None when not given)."""
-    if not values:
-        return None
-    names = [n for v in values for n in v.split(",") if n]
-    return tuple(dict.fromkeys(names)) or None

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from cops_deploy.cli.dataset_args import parse_classes
 from cops_deploy.cli.main import main
 
 
@@ -130,3 +131,18 @@ def test_demo_small(tmp_path, monkeypatch, capsys):
     (out / "mine.txt").write_text("kept")
     assert main([*args, "--force"]) == 0
     assert (out / "mine.txt").read_text() == "kept"
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        (None, None),
+        ([], None),
+        (["a", "b"], ("a", "b")),
+        (["a,b", "c"], ("a", "b", "c")),
+        (["b,a,b", "a"], ("b", "a")),  # first-seen order, no repeats
+        ([","], None),
+    ],
+)
+def test_parse_classes(values, expected):
+    assert parse_classes(values) == expected

@@ -9,7 +9,15 @@ import pytest
 from PIL import Image
 
 from cops_deploy.errors import ConfigError, ImageReadError
-from cops_deploy.imaging.visualize import JET_LUT, colorize, overlay, side_by_side
+from cops_deploy.imaging.visualize import (
+    JET_LUT,
+    blend,
+    colorize,
+    colour_range,
+    heatmap,
+    overlay,
+    side_by_side,
+)
 
 
 def _rgb(h: int = 30, w: int = 40, seed: int = 0) -> np.ndarray:
@@ -23,6 +31,46 @@ def _map(h: int = 37, w: int = 37, seed: int = 1) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # colorize
 # ---------------------------------------------------------------------------------------------
+
+
+def test_colour_range_fixed_and_stretched_over_several_maps() -> None:
+    a = np.array([[0.2, np.nan]], dtype=np.float32)
+    b = np.array([[0.7, np.inf]], dtype=np.float32)
+    assert colour_range([a, b]) == (0.0, 1.0)
+    assert colour_range([a, b], vmin=0.1, vmax=0.3) == (0.1, 0.3)
+    lo, hi = colour_range([a, b], stretch=True)  # finite values of both maps
+    assert (lo, hi) == pytest.approx((0.2, 0.7))
+    assert colour_range([np.full((2, 2), np.nan, np.float32)], stretch=True) == (0.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"stretch": True, "vmin": 0.0}, "stretch=True with vmin=0.0"),
+        ({"stretch": True, "vmax": 1.0, "option": "normalize"}, "normalize=True with"),
+        ({"vmin": 0.5, "vmax": 0.5}, "invalid colour range"),
+        ({"vmin": float("nan")}, "invalid colour range"),
+    ],
+)
+def test_colour_range_refusals(kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        colour_range([_map()], **kwargs)
+
+
+def test_heatmap_scales_and_draws_a_constant_range_cold() -> None:
+    m = np.array([[0.2, 0.4]], dtype=np.float32)
+    np.testing.assert_array_equal(heatmap(m, 0.2, 0.4), colorize(np.array([[0.0, 1.0]])))
+    np.testing.assert_array_equal(heatmap(m, 0.3, 0.3), colorize(np.zeros((1, 2))))
+
+
+def test_blend_weights_and_rounds() -> None:
+    rgb = np.full((1, 2, 3), 100, np.uint8)
+    heat = np.full((1, 2, 3), 201, np.uint8)
+    np.testing.assert_array_equal(blend(rgb, heat, 0.0), rgb)
+    np.testing.assert_array_equal(blend(rgb, heat, 1.0), heat)
+    assert blend(rgb, heat, 0.5)[0, 0, 0] == 150  # 150.5 rounds half to even
+    with pytest.raises(ConfigError, match="alpha"):
+        blend(rgb, heat, 2.0)
 
 
 def test_colorize_shape_dtype_and_endpoints() -> None:

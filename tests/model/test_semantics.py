@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from cops_deploy import create_model
 from cops_deploy.model.clip import causal_mask
+from cops_deploy.model.layers import scaled_attention
 
 TOL = 1e-5
 
@@ -51,6 +52,38 @@ def reference_vvv_block(block, x, x_ori, heads):
     x_ori = x_ori + hidden @ block.mlp.c_proj.weight.t() + block.mlp.c_proj.bias
     x = x + _merge(vv, block.attn.out_proj)
     return x, x_ori
+
+
+def _qkv(dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(2, 3, 7, 8, generator=gen).to(dtype) for _ in range(3))
+
+
+def test_scaled_attention_forms_agree_with_the_formula():
+    """softmax((q * scale) k^T + mask) v: explicit = sdpa = by hand; the float32 softmax
+    changes nothing for float32 inputs (what the deploy graphs rely on)."""
+    q, k, v = _qkv()
+    mask = causal_mask(7)
+    want = ((q * 0.3) @ k.transpose(-2, -1) + mask).softmax(-1) @ v
+    explicit = scaled_attention(q, k, v, 0.3, mask, "explicit")
+    assert float((explicit - want).abs().max()) < TOL
+    assert float((scaled_attention(q, k, v, 0.3, mask, "sdpa") - want).abs().max()) < TOL
+    island = scaled_attention(q, k, v, 0.3, mask, "explicit", float32_softmax=True)
+    assert torch.equal(island, explicit)
+
+
+def test_scaled_attention_float32_softmax_in_half_precision():
+    """float16 inputs: the result is float16 and within float16 rounding of the float32 one
+    (explicit with its float32 softmax, and sdpa with the float32 mask cast to float16)."""
+    q, k, v = _qkv()
+    mask = causal_mask(7)
+    want = scaled_attention(q, k, v, 0.3, mask, "explicit")
+    half = [t.half() for t in (q, k, v)]
+    island = scaled_attention(*half, 0.3, mask, "explicit", float32_softmax=True)
+    assert island.dtype == torch.float16
+    assert float((island.float() - want).abs().max()) < 5e-3
+    sdpa = scaled_attention(*half, 0.3, mask, "sdpa")  # the mask is cast to q's dtype
+    assert sdpa.dtype == torch.float16 and float((sdpa.float() - want).abs().max()) < 5e-3
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "explicit"])

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from cops_deploy.data.solvers import canonical_dataset
 from cops_deploy.errors import ConfigError, DatasetError
 from cops_deploy.train.forward import training_forward
 from cops_deploy.train.losses import (
@@ -21,7 +22,7 @@ from cops_deploy.train.losses import (
     recon_loss,
     scatter_loss,
 )
-from cops_deploy.train.policy import canonical_dataset, training_kernel, uses_recon
+from cops_deploy.train.policy import training_kernel, uses_recon
 
 
 def _probs(seed: int, shape=(2, 2, 4, 4)) -> torch.Tensor:

@@ -257,6 +257,24 @@ def test_a_damaged_checkpoint_is_refused(straight_run, tmp_path):
         load_checkpoint(copy)
 
 
+def test_an_unreadable_checkpoint_file_is_refused(straight_run, tmp_path):
+    """A file that matches its recorded sha256 but is no safetensors file is named."""
+    import hashlib
+    import json
+    import shutil
+
+    src = list_checkpoints(straight_run[0] / "checkpoints")[0]
+    copy = tmp_path / "epoch_0001"
+    shutil.copytree(src, copy)
+    junk = b"not a safetensors file"
+    (copy / "rng.safetensors").write_bytes(junk)
+    state = json.loads((copy / "state.json").read_text())
+    state["files"]["rng.safetensors"] = hashlib.sha256(junk).hexdigest()
+    (copy / "state.json").write_text(json.dumps(state))
+    with pytest.raises(WeightsError, match="cannot read checkpoint file .*rng.safetensors"):
+        load_checkpoint(copy)
+
+
 # ------------------------------------------------------------------------------- refusals
 
 
