@@ -171,10 +171,9 @@ def _check_precision(onnx_path: str | os.PathLike[str], precision: str) -> None:
 # Keys and cache
 
 
-def machine_fields(device: int = 0) -> dict[str, str]:
-    """TensorRT version, GPU name and compute capability here, as the runtime reads them (one
-    definition for both sides: :func:`~cops_deploy.runtime.backends.tensorrt_machine_fields`)."""
-    return tensorrt_machine_fields(device)
+# TensorRT version, GPU name and compute capability here, as the runtime reads them: one
+# definition for both sides, so an engine built here is accepted where the fields are equal.
+machine_fields = tensorrt_machine_fields
 
 
 def engine_key(

@@ -96,8 +96,9 @@ def test_auto_with_no_usable_backend_lists_every_reason(make_bundle, monkeypatch
 def test_explicit_backends(tiny_bundle: Path) -> None:
     with Detector.open(tiny_bundle, backend="onnxruntime", threads=1) as d:
         assert d.backend_name == "onnxruntime" and d.skipped == {}
-    with Detector.open(tiny_bundle, backend="torch") as d:
+    with Detector.open(tiny_bundle, backend="torch") as d:  # the plug-in's entry point
         assert d.backend_name == "torch"
+        assert type(d.vision).__module__ == "cops_deploy.export.torch_backend"
 
 
 def test_unknown_backend_is_refused(tiny_bundle: Path) -> None:
