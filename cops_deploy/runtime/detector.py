@@ -4,9 +4,9 @@
 (:mod:`cops_deploy.runtime.backends.registry`): TensorRT (installed, engines present, engine keys
 matching this machine), then ONNX Runtime (CUDA, then CPU), then OpenVINO, then the plug-ins
 (PyTorch, with the bundle's ``torch_model`` weights), and says which (``backend_name``,
-``provider``, ``skipped``). ``predict`` takes paths,
-PIL images, uint8/uint16 arrays or a mix, preprocesses them as the manifest says, runs the
-vision graph then the head graph in batches, and returns one :class:`Prediction` per image.
+``provider``, ``skipped``). ``predict`` takes paths, PIL images, uint8/uint16 arrays or a mix,
+preprocesses them as the manifest says, runs the vision graph then the head graph in batches,
+and returns one :class:`Prediction` per image.
 
 Thread safety: one Detector may serve concurrent ``predict`` calls. Preprocessing is per call;
 ONNX Runtime sessions are shared (``InferenceSession.run`` is thread-safe, so calls run in
@@ -113,7 +113,8 @@ class Detector:
 
     Attributes:
         bundle: the opened bundle.
-        backend_name: 'tensorrt', 'onnxruntime', 'openvino' or 'torch'.
+        backend_name: the registered name of the backend that runs the graphs ('tensorrt',
+            'onnxruntime', 'openvino', 'torch' or another plug-in's).
         skipped: backend name -> why auto selection passed over it (empty for an explicit
             backend).
     """
