@@ -7,9 +7,11 @@ no precision flag. The optimisation profile covers batch 1 .. ``max_batch`` (opt
 :class:`~cops_deploy.runtime.bundle.EngineKey` (ONNX sha256, TensorRT version, GPU name,
 compute capability, precision, profile) reuses an engine only where every field matches.
 
-``tensorrt`` is imported inside functions only; without it :func:`import_tensorrt` raises
-MissingDependencyError with the install command. Everything up to the build itself (profiles,
-keys, cache paths, precision checks) runs on a CPU-only machine.
+``tensorrt`` is imported inside functions only, through the run side's
+:func:`~cops_deploy.runtime.backends.tensorrt.import_tensorrt` (without it: MissingDependencyError
+with the install command); the machine fields of a key and the refusal of a mismatched key are
+the run side's too, so both sides key and check engines the same way. Everything up to the build
+itself (profiles, keys, cache paths, precision checks) runs on a CPU-only machine.
 """
 
 from __future__ import annotations
@@ -29,8 +31,16 @@ from cops_deploy.errors import (
     MissingDependencyError,
 )
 from cops_deploy.fileio import atomic_write_bytes
+from cops_deploy.runtime.backends.tensorrt import (
+    TRT_INSTALL,
+    check_engine_key,
+    import_tensorrt,
+    tensorrt_machine_fields,
+)
 from cops_deploy.runtime.bundle import EngineKey, sha256_file
 
+# TRT_INSTALL, check_engine_key and import_tensorrt are the run side's, re-exported for callers
+# of this module.
 __all__ = [
     "PRECISIONS",
     "TRT_INSTALL",
@@ -48,33 +58,12 @@ __all__ = [
     "tensorrt_available",
 ]
 
-TRT_INSTALL = "pip install 'cops-deploy[trt]'"
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
-MIN_TRT_MAJOR = 10
 _FP16, _FP32 = 10, 1  # onnx.TensorProto.FLOAT16, FLOAT
 
 
 # ----------------------------------------------------------------------------------------------
 # Import
-
-
-def import_tensorrt() -> Any:
-    """The ``tensorrt`` module (>= 10); MissingDependencyError with the install command if not."""
-    try:
-        import tensorrt as trt
-    except ImportError as exc:
-        raise MissingDependencyError(
-            f"building TensorRT engines needs the 'tensorrt' package (>= {MIN_TRT_MAJOR}) and an "
-            f"NVIDIA GPU; it is not importable here ({exc}). Fix: {TRT_INSTALL} on a machine "
-            f"with an NVIDIA GPU, or export with --engine onnx."
-        ) from exc
-    major = int(str(trt.__version__).split(".")[0])
-    if major < MIN_TRT_MAJOR:
-        raise MissingDependencyError(
-            f"tensorrt {trt.__version__} is too old; valid: >= {MIN_TRT_MAJOR} (strongly typed "
-            f"networks, set_input_shape/execute_async_v3). Fix: {TRT_INSTALL}."
-        )
-    return trt
 
 
 def tensorrt_available() -> bool:
@@ -182,13 +171,9 @@ def _check_precision(onnx_path: str | os.PathLike[str], precision: str) -> None:
 # Keys and cache
 
 
-def machine_fields(device: int = 0) -> dict[str, str]:
-    """TensorRT version, GPU name and compute capability here, as the runtime reads them
-    (``cops_deploy.runtime.backends.tensorrt_machine_fields``: one definition for both sides)."""
-    import_tensorrt()
-    from cops_deploy.runtime.backends import tensorrt_machine_fields
-
-    return tensorrt_machine_fields(device)
+# TensorRT version, GPU name and compute capability here, as the runtime reads them: one
+# definition for both sides, so an engine built here is accepted where the fields are equal.
+machine_fields = tensorrt_machine_fields
 
 
 def engine_key(
@@ -242,18 +227,6 @@ def engine_cache_path(
 
 def _key_path(engine_path: Path) -> Path:
     return engine_path.with_name(engine_path.name + ".json")
-
-
-def check_engine_key(stored: EngineKey, current: EngineKey, engine: str | os.PathLike[str]) -> None:
-    """Refuse an engine whose key differs from this machine's: BundleError naming the field."""
-    field = stored.first_mismatch(current)
-    if field is not None:
-        raise BundleError(
-            f"engine {engine} was built for {field}={getattr(stored, field)!r}, here "
-            f"{field}={getattr(current, field)!r}; engines are tied to the ONNX graph, TensorRT "
-            f"version, GPU, precision and profile. Fix: rebuild it (cops-export --engine trt "
-            f"--force), or use the ONNX Runtime backend."
-        )
 
 
 def read_cached_key(engine_path: str | os.PathLike[str]) -> EngineKey | None:
@@ -349,7 +322,8 @@ def build_engine_cached(
     path = engine_cache_path(cache_dir, key, stem, _weights_digest(onnx_path))
     cached = read_cached_key(path)
     if cached is not None and not force:
-        check_engine_key(cached, key, path)
+        rebuild = f"cops-export --engine trt --engine-cache {cache_dir} --rebuild-engines"
+        check_engine_key(cached, key, str(path), rebuild)
         return path, cached
     build_kwargs.setdefault("timing_cache", cache_dir / "timing.cache")
     built = build_engine(onnx_path, path, precision, max_batch, device=device, **build_kwargs)

@@ -171,17 +171,14 @@ class Bundle:
         return name, engines[name]
 
     def check_engine_key(self, current: EngineKey, engine: str | None = None) -> Path:
-        """Path of the engine if its key matches ``current``; else BundleError naming the field."""
+        """Path of the engine if its key matches ``current``; else BundleError naming the field
+        (the message of :func:`cops_deploy.runtime.backends.tensorrt.check_engine_key`)."""
+        # Imported here: the backends package imports this module at its top.
+        from cops_deploy.runtime.backends.tensorrt import check_engine_key
+
         name, stored = self.engine_key(engine)
-        field_name = stored.first_mismatch(current)
-        if field_name is not None:
-            raise BundleError(
-                f"engine {name!r} in bundle {self.root} does not fit this machine: it was built "
-                f"for {field_name}={getattr(stored, field_name)!r}, here "
-                f"{field_name}={getattr(current, field_name)!r} (engines are tied to the ONNX "
-                f"graph, TensorRT version, GPU, precision and profile). "
-                + _REBUILD.format(root=self.root)
-            )
+        rebuild = f"cops-export --engine trt --bundle {self.root} --force"
+        check_engine_key(stored, current, f"{name!r} in bundle {self.root}", rebuild)
         return self.root / name
 
 

@@ -1,22 +1,24 @@
 """The Detector API: open a bundle, pick a backend, predict scores and anomaly maps.
 
-``Detector.open(bundle)`` chooses TensorRT (installed, engines present, engine keys matching
-this machine), then ONNX Runtime (CUDA, then CPU), then PyTorch (the bundle's ``torch_model``
-weights), and says which (``backend_name``, ``provider``, ``skipped``). ``predict`` takes paths,
-PIL images, uint8/uint16 arrays or a mix, preprocesses them as the manifest says, runs the
-vision graph then the head graph in batches, and returns one :class:`Prediction` per image.
+``Detector.open(bundle)`` chooses a backend from the registry
+(:mod:`cops_deploy.runtime.backends.registry`): TensorRT (installed, engines present, engine keys
+matching this machine), then ONNX Runtime (CUDA, then CPU), then OpenVINO, then the plug-ins
+(PyTorch, with the bundle's ``torch_model`` weights), and says which (``backend_name``,
+``provider``, ``skipped``). ``predict`` takes paths, PIL images, uint8/uint16 arrays or a mix,
+preprocesses them as the manifest says, runs the vision graph then the head graph in batches,
+and returns one :class:`Prediction` per image.
 
 Thread safety: one Detector may serve concurrent ``predict`` calls. Preprocessing is per call;
 ONNX Runtime sessions are shared (``InferenceSession.run`` is thread-safe, so calls run in
 parallel); the TensorRT and PyTorch backends serialise ``infer`` with a lock each. Do not call
 ``close`` while a ``predict`` is running.
 
-Torch-free: torch is imported only when the PyTorch backend is chosen.
+Torch-free: this module imports no backend's package; torch is imported only when the PyTorch
+backend plug-in is chosen.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import sys
@@ -30,29 +32,20 @@ import numpy as np
 from PIL import Image
 
 from cops_deploy.errors import BundleError, ConfigError, CopsError, ImageReadError
-from cops_deploy.imaging.decode import ImageSource, load_image
-from cops_deploy.imaging.preprocess import preprocess, resize_map
+from cops_deploy.imaging.decode import ImageSource
+from cops_deploy.imaging.preprocess import preprocess_batch, resize_map
 from cops_deploy.runtime.backends import (
-    ANOMALY_MAP,
-    IMAGE,
-    OPENVINO_INSTALL,
-    PRED_SCORE,
-    ROLE_TORCH_MODEL,
-    TRT_INSTALL,
+    AUTO,
     Backend,
-    OnnxRuntimeBackend,
-    OpenVinoBackend,
-    TensorRTBackend,
-    TorchBackend,
+    check_backend_choice,
     check_graph_names,
-    engine_name,
+    open_backends,
 )
 from cops_deploy.runtime.bundle import Bundle, Manifest, open_bundle
+from cops_deploy.runtime.contract import ANOMALY_MAP, GRAPHS, IMAGE, PRED_SCORE
 
-__all__ = ["BACKENDS", "DEFAULT_MAX_BATCH", "PRECISIONS", "Detector", "Prediction"]
+__all__ = ["DEFAULT_MAX_BATCH", "Detector", "Prediction"]
 
-BACKENDS: tuple[str, ...] = ("tensorrt", "onnxruntime", "openvino", "torch")  # auto: in order
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 DEFAULT_MAX_BATCH = 8  # batch size when neither the caller nor the backend sets a limit
 _LOG = logging.getLogger(__name__)
 
@@ -120,7 +113,8 @@ class Detector:
 
     Attributes:
         bundle: the opened bundle.
-        backend_name: 'tensorrt', 'onnxruntime', 'openvino' or 'torch'.
+        backend_name: the registered name of the backend that runs the graphs ('tensorrt',
+            'onnxruntime', 'openvino', 'torch' or another plug-in's).
         skipped: backend name -> why auto selection passed over it (empty for an explicit
             backend).
     """
@@ -142,7 +136,7 @@ class Detector:
     def open(
         cls,
         bundle: str | os.PathLike[str] | Bundle,
-        backend: str = "auto",
+        backend: str = AUTO,
         verify: bool = True,
         threads: int | None = None,
         verbose: bool = False,
@@ -152,8 +146,8 @@ class Detector:
 
         Args:
             bundle: a bundle directory, or an already opened :class:`Bundle`.
-            backend: 'auto' (TensorRT, then ONNX Runtime, then OpenVINO, then torch), or one
-                of those names.
+            backend: 'auto' (TensorRT, then ONNX Runtime, then OpenVINO, then the plug-ins such
+                as 'torch'), or one of the names ``backend_names()`` lists.
             verify: check every bundle file's sha256 (size and presence are always checked).
             threads: intra-op threads for ONNX Runtime and OpenVINO; None: one per core.
             verbose: print the chosen backend (and why others were skipped) to stderr.
@@ -162,32 +156,18 @@ class Detector:
                 about 5e-3 on the full model.
 
         Raises:
-            ConfigError: ``backend`` or ``precision`` is not a known name, or bf16 is asked of
-                another backend than OpenVINO.
+            ConfigError: ``backend`` or ``precision`` is not a known name (the message lists
+                the registered backends), or bf16 is asked of another backend than OpenVINO.
             BundleError: the bundle is invalid; or the explicit backend does not fit it; or
                 (auto) no backend can run it (the message gives each backend's reason).
-            MissingDependencyError: the explicit backend's package is not installed.
+            MissingDependencyError: the explicit backend's package (or plug-in) is not
+                installed.
         """
-        if backend != "auto" and backend not in BACKENDS:
-            raise ConfigError(
-                f"unknown backend {backend!r}; valid: 'auto', {', '.join(map(repr, BACKENDS))}. "
-                f"Fix: pass one of those."
-            )
-        if precision not in PRECISIONS:
-            raise ConfigError(f"unknown precision {precision!r}; valid: {list(PRECISIONS)}.")
-        if precision != "fp32" and backend != "openvino":
-            raise ConfigError(
-                f"precision={precision!r} runs on backend='openvino' only (got backend="
-                f"{backend!r}). Fix: pass backend='openvino', or precision='fp32'."
-            )
+        check_backend_choice(backend, precision, threads)  # before a large bundle is hashed
         if not isinstance(bundle, Bundle):
             bundle = open_bundle(bundle, verify=verify)
         _check_bundle(bundle)
-        skipped: dict[str, str] = {}
-        if backend == "auto":
-            vision, head = _open_auto(bundle, threads, skipped)
-        else:
-            vision, head = _open_backends(bundle, backend, threads, precision)
+        vision, head, skipped = open_backends(bundle, backend, threads=threads, precision=precision)
         detector = cls(bundle, vision, head, skipped)
         message = f"cops: {detector.describe()}"
         _LOG.info(message)
@@ -301,18 +281,16 @@ class Detector:
         return predictions
 
     def _load(self, chunk: list[Any], start: int, total: int) -> tuple[np.ndarray, list]:
-        """(B, 3, S, S) float32 batch and the (H, W) of each image."""
+        """(B, 3, S, S) float32 batch and the (H, W) of each image of ``chunk``, the images
+        ``start`` .. ``start + B - 1`` of the ``total`` given to ``predict``."""
         pre = self.manifest.preprocess
-        batch = np.empty((len(chunk), 3, pre.size, pre.size), dtype=np.float32)
-        sizes: list[tuple[int, int]] = []
-        for i, item in enumerate(chunk):
-            try:
-                rgb = load_image(item)
-            except ImageReadError as exc:
-                raise ImageReadError(f"image {start + i} of {total}: {exc}") from exc
-            sizes.append((int(rgb.shape[0]), int(rgb.shape[1])))
-            batch[i] = preprocess(rgb, pre.size, pre.mean, pre.std)
-        return batch, sizes
+        try:
+            return preprocess_batch(chunk, pre.size, pre.mean, pre.std)
+        except ImageReadError as exc:
+            if len(chunk) == total:  # one chunk: its item index is the image index
+                raise
+            last = start + len(chunk) - 1
+            raise ImageReadError(f"in images {start}..{last} of {total}: {exc}") from exc
 
     def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Vision graph, then head graph: scores (B,) and maps (B, S, S) as float32."""
@@ -353,13 +331,13 @@ class Detector:
 
 
 # ----------------------------------------------------------------------------------------------
-# Backend selection
+# Bundle checks (the backend itself comes from the registry)
 
 
 def _check_bundle(bundle: Bundle) -> None:
     """The bundle has both graphs with the contract's names, and a preprocessing we implement."""
-    check_graph_names(bundle, "vision")
-    check_graph_names(bundle, "head")
+    for graph in GRAPHS:
+        check_graph_names(bundle, graph)
     interp = bundle.manifest.preprocess.interpolation
     if interp != "bicubic":
         raise BundleError(
@@ -367,74 +345,3 @@ def _check_bundle(bundle: Bundle) -> None:
             f"resizes with 'bicubic' only (CLIP's preprocessing). Fix: re-export the bundle "
             f"with bicubic interpolation."
         )
-
-
-def _open_backends(
-    bundle: Bundle, kind: str, threads: int | None, precision: str = "fp32"
-) -> tuple[Backend, Backend]:
-    """Create and activate the vision and head backends of ``kind`` (both, or neither);
-    ``precision`` applies to the OpenVINO vision graph (the head stays fp32)."""
-    if kind == "onnxruntime":
-        vision: Backend = OnnxRuntimeBackend(bundle, "vision", threads=threads)
-        vision.activate()
-        head: Backend = OnnxRuntimeBackend(bundle, "head", threads=threads)
-    elif kind == "openvino":
-        vision = OpenVinoBackend(bundle, "vision", precision=precision, threads=threads)
-        vision.activate()
-        head = OpenVinoBackend(bundle, "head", threads=threads)
-    elif kind == "tensorrt":
-        vision = TensorRTBackend(bundle, "vision")
-        vision.activate()
-        head = TensorRTBackend(bundle, "head")
-    else:
-        vision = TorchBackend(bundle, "vision")
-        vision.activate()
-        head = TorchBackend(bundle, "head", model=vision.model)
-    try:
-        head.activate()
-    except BaseException:
-        vision.deactivate()
-        raise
-    return vision, head
-
-
-def _precheck(bundle: Bundle, kind: str) -> str | None:
-    """Why ``kind`` cannot run here, found without importing it; None if worth trying."""
-    if kind == "tensorrt":
-        if importlib.util.find_spec("tensorrt") is None:
-            return f"tensorrt is not installed ({TRT_INSTALL})"
-        missing = [engine_name(g) for g in ("vision", "head")]
-        missing = [n for n in missing if n not in bundle.manifest.engines]
-        if missing:
-            return f"the bundle has no TensorRT engine(s) {missing}"
-    elif kind == "onnxruntime":
-        if importlib.util.find_spec("onnxruntime") is None:
-            return "onnxruntime is not installed (pip install onnxruntime)"
-    elif kind == "openvino":
-        if importlib.util.find_spec("openvino") is None:
-            return f"openvino is not installed ({OPENVINO_INSTALL})"
-    elif kind == "torch":
-        if not bundle.manifest.with_role(ROLE_TORCH_MODEL):
-            return f"the bundle has no PyTorch weights (role {ROLE_TORCH_MODEL!r})"
-        if importlib.util.find_spec("torch") is None:
-            return "torch is not installed (pip install torch)"
-    return None
-
-
-def _open_auto(
-    bundle: Bundle, threads: int | None, skipped: dict[str, str]
-) -> tuple[Backend, Backend]:
-    """The first backend of :data:`BACKENDS` that opens; records why the others did not."""
-    for kind in BACKENDS:
-        reason = _precheck(bundle, kind)
-        if reason is None:
-            try:
-                return _open_backends(bundle, kind, threads)
-            except CopsError as exc:  # a typed refusal (engine key, missing package, ...)
-                reason = str(exc)
-        skipped[kind] = reason
-    reasons = "; ".join(f"{k}: {v}" for k, v in skipped.items())
-    raise BundleError(
-        f"no backend can run bundle {bundle.root}: {reasons}. Fix: pip install onnxruntime "
-        f"(the portable backend), or {TRT_INSTALL} on an NVIDIA machine."
-    )

@@ -206,11 +206,15 @@ def test_old_tensorrt_is_refused(monkeypatch):
         import_tensorrt()
 
 
-def test_machine_fields_come_from_the_runtime():
-    """The build side keys engines with the runtime's own reading of the machine."""
-    from cops_deploy.runtime import backends
+def test_one_definition_for_both_sides():
+    """The build side imports TensorRT, reads the machine and refuses a mismatched key with the
+    run side's own functions."""
+    from cops_deploy.runtime.backends import tensorrt as trt_runtime
 
-    assert callable(backends.tensorrt_machine_fields)
+    assert trt_build.import_tensorrt is trt_runtime.import_tensorrt
+    assert trt_build.check_engine_key is trt_runtime.check_engine_key
+    assert trt_build.machine_fields is trt_runtime.tensorrt_machine_fields
+    assert trt_build.TRT_INSTALL == trt_runtime.TRT_INSTALL
 
 
 # ----------------------------------------------------------------------- fake TensorRT flow
@@ -350,6 +354,20 @@ def test_engine_cache_reuse_and_force(fake_trt, tmp_path):
     assert fake_trt.calls.count(("build",)) == builds + 1
     other, _ = build_engine_cached(onnx_path, cache, "head", "fp16", 2)  # another profile
     assert other != path
+
+
+def test_engine_cache_refuses_a_mismatched_key(fake_trt, tmp_path):
+    onnx_path = make_onnx(tmp_path / "g.onnx")
+    cache = tmp_path / "cache"
+    path, key = build_engine_cached(onnx_path, cache, "vision", "fp32", 2)
+    stored = {**key.to_dict(), "gpu_name": "NVIDIA A100"}  # a key file that does not fit
+    (cache / (path.name + ".json")).write_text(json.dumps(stored))
+    with pytest.raises(
+        BundleError,
+        match=r"built for gpu_name='NVIDIA A100', here gpu_name='NVIDIA H200'.*"
+        r"--engine-cache .*--rebuild-engines",
+    ):
+        build_engine_cached(onnx_path, cache, "vision", "fp32", 2)
 
 
 # ------------------------------------------------------------------------------ real TensorRT

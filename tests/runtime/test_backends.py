@@ -1,5 +1,6 @@
-"""Backends: the shared runner contract, ONNX Runtime, TensorRT (key checks; GPU tests marked
-``trt``) and the PyTorch backend; one test per refusal."""
+"""Backends: the shared runner contract, ONNX Runtime and TensorRT (key checks; GPU tests marked
+``trt``); one test per refusal. The PyTorch backend's tests are in tests/export (it lives on the
+build side); the registry's in test_registry.py."""
 
 from __future__ import annotations
 
@@ -15,16 +16,20 @@ import numpy as np
 import pytest
 
 from cops_deploy.errors import BundleError, ConfigError, CopsError, MissingDependencyError
-from cops_deploy.runtime import backends
 from cops_deploy.runtime.backends import (
     Backend,
     OnnxRuntimeBackend,
     TensorRTBackend,
-    TorchBackend,
+    activate_pair,
+    check_engine_key,
     default_ort_providers,
     expected_engine_key,
+    import_cudart,
+    import_tensorrt,
+    tensorrt_machine_fields,
 )
-from cops_deploy.runtime.bundle import Bundle, TensorSpec, open_bundle
+from cops_deploy.runtime.backends import tensorrt as trt_runtime
+from cops_deploy.runtime.bundle import Bundle, EngineKey, TensorSpec, open_bundle
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 NO_TRT = "TensorRT is not installed here (needs an NVIDIA GPU and pip install 'cops-deploy[trt]')"
@@ -79,6 +84,18 @@ def test_unavailable_provider_is_refused(bundle: Bundle) -> None:
     with pytest.raises(ConfigError, match="NoSuchExecutionProvider.*available"):
         backend.activate()
     assert not backend.is_active
+
+
+def test_onnxruntime_opens_the_pair(bundle: Bundle, images: np.ndarray) -> None:
+    assert OnnxRuntimeBackend.unavailable_reason(bundle) is None
+    vision, head = OnnxRuntimeBackend.open_pair(bundle, threads=1)
+    try:
+        assert (vision.name, head.name) == ("vision", "head")
+        assert vision.is_active and head.is_active and vision.threads == 1  # type: ignore[attr-defined]
+        assert list(head.infer(vision.infer({"image": images}))) == ["pred_score", "anomaly_map"]
+    finally:
+        head.deactivate()
+        vision.deactivate()
 
 
 def test_default_providers_prefer_cuda() -> None:
@@ -173,6 +190,12 @@ class _SlowBackend(Backend):
         self.inside = 0
         self.overlapped = False
 
+    @classmethod
+    def open_pair(
+        cls, bundle: Bundle, *, threads: int | None = None, precision: str = "fp32"
+    ) -> tuple[Backend, Backend]:
+        return activate_pair(cls(False), lambda _: cls(False))
+
     def _activate(self) -> None: ...
 
     def _deactivate(self) -> None: ...
@@ -197,6 +220,18 @@ def test_base_class_serialises_unsafe_backends(thread_safe: bool) -> None:
             t.join()
     assert backend.overlapped is thread_safe
     assert backend.last_inference_time is not None and backend.last_inference_time >= 0.02
+
+
+def test_activate_pair_leaves_neither_active_when_the_head_fails() -> None:
+    vision = _SlowBackend(False)
+
+    def broken_head(active: Backend) -> Backend:
+        assert active.is_active  # the head is made from the active vision backend
+        raise BundleError("head refused")
+
+    with pytest.raises(BundleError, match="head refused"):
+        activate_pair(vision, broken_head)
+    assert not vision.is_active
 
 
 def test_missing_output_is_reported() -> None:
@@ -238,6 +273,20 @@ def test_engine_key_mismatch_names_the_field(engine_bundle: Bundle, field: str, 
         engine_bundle.check_engine_key(key, "head.engine")
 
 
+def test_one_engine_key_message_for_both_sides(tmp_path: Path) -> None:
+    """check_engine_key (the build side's engine cache uses it too) names the field, both
+    values and the rebuild command."""
+    stored = EngineKey("0" * 64, precision="fp32", profile="b1-4-8", **MACHINE)
+    check_engine_key(stored, stored, "v.engine")  # equal keys: accepted
+    here = dataclasses.replace(stored, precision="fp16")
+    with pytest.raises(
+        BundleError,
+        match=r"engine v\.engine does not fit.*built for precision='fp32', here precision='fp16'"
+        r".*Fix: rebuild it on this machine with `make engines`.*backend='onnxruntime'",
+    ):
+        check_engine_key(stored, here, "v.engine", rebuild="make engines")
+
+
 def test_engine_from_another_export_is_refused(make_bundle) -> None:
     root = make_bundle(torch_weights=False, engines=True, engine_changes={"onnx_sha256": "c" * 64})
     bundle = open_bundle(root)
@@ -249,6 +298,19 @@ def test_engine_from_another_export_is_refused(make_bundle) -> None:
 def test_bundle_without_engines_is_refused(bundle: Bundle) -> None:
     with pytest.raises(BundleError, match="no TensorRT engine for graph 'vision'.*onnxruntime"):
         expected_engine_key(bundle, "vision", MACHINE)
+
+
+def test_tensorrt_says_why_it_cannot_run(
+    engine_bundle: Bundle, bundle: Bundle, monkeypatch
+) -> None:
+    """Found without importing tensorrt: the package first, then the bundle's engines."""
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())  # "installed"
+    assert TensorRTBackend.unavailable_reason(engine_bundle) is None
+    reason = TensorRTBackend.unavailable_reason(bundle)
+    assert reason == "the bundle has no TensorRT engine(s) ['vision.engine', 'head.engine']"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    reason = TensorRTBackend.unavailable_reason(engine_bundle)
+    assert reason == "tensorrt is not installed (pip install 'cops-deploy[trt]')"
 
 
 @pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed: the missing-package path cannot run")
@@ -271,7 +333,7 @@ def test_tensorrt_matches_onnxruntime(
         assert vision.max_batch == 4
         emb = vision.infer({"image": images})
         out = {**emb, **head.infer(emb)}
-        assert head.provider == backends.tensorrt_machine_fields()["gpu_name"]
+        assert head.provider == tensorrt_machine_fields()["gpu_name"]
     for name, ref in ort_outputs.items():
         np.testing.assert_allclose(out[name], ref, atol=1e-3, err_msg=name)
 
@@ -283,7 +345,7 @@ def _bundle_with_real_engines(tmp_path: Path, graphs: Path, write) -> Path:
     from cops_deploy.export.bundle_writer import BundleWriter
     from cops_deploy.runtime.bundle import EngineKey, sha256_file
 
-    machine = backends.tensorrt_machine_fields()
+    machine = tensorrt_machine_fields()
     logger = trt.Logger(trt.Logger.WARNING)
     base = open_bundle(write(tmp_path / "base", graphs, torch_weights=False))
     with BundleWriter(tmp_path / "bundle") as writer:
@@ -313,35 +375,6 @@ def _bundle_with_real_engines(tmp_path: Path, graphs: Path, write) -> Path:
             provenance=m.provenance,
         )
     return tmp_path / "bundle"
-
-
-# ----------------------------------------------------------------------------------------------
-# PyTorch
-
-
-def test_torch_backend_matches_onnxruntime(
-    bundle: Bundle, images: np.ndarray, ort_outputs: dict[str, np.ndarray]
-) -> None:
-    with TorchBackend(bundle, "vision") as vision:
-        emb = vision.infer({"image": images})
-        with TorchBackend(bundle, "head", model=vision.model) as head:
-            out = {**emb, **head.infer(emb)}
-            assert head.provider == "cpu" and head.model is vision.model
-        assert vision.model is not None  # a shared model stays with its owner
-    assert vision.model is None
-    for name, ref in ort_outputs.items():
-        np.testing.assert_allclose(out[name], ref, atol=1e-5, err_msg=name)
-
-
-def test_torch_backend_needs_weights_in_the_bundle(make_bundle) -> None:
-    backend = TorchBackend(open_bundle(make_bundle(torch_weights=False)), "vision")
-    with pytest.raises(BundleError, match="no PyTorch weights.*role 'torch_model'.*onnxruntime"):
-        backend.activate()
-
-
-def test_torch_backend_refuses_unknown_graph(bundle: Bundle) -> None:
-    with pytest.raises(ConfigError, match="'vision' or 'head'"):
-        TorchBackend(bundle, "text")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -485,7 +518,8 @@ def test_tensorrt_backend_control_flow_with_fakes(
     bundle = open_bundle(root, verify=False)
     cudart = _FakeCudart()
     fake = _fake_tensorrt(cudart, tiny_graphs)
-    monkeypatch.setattr(backends, "_import_tensorrt", lambda: (fake, cudart))
+    monkeypatch.setattr(trt_runtime, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(trt_runtime, "import_cudart", lambda: cudart)
     with TensorRTBackend(bundle, "vision") as vision, TensorRTBackend(bundle, "head") as head:
         assert vision.provider == "NVIDIA H200" and vision.max_batch == 4
         emb = vision.infer({"image": images})
@@ -504,14 +538,11 @@ def test_old_tensorrt_is_refused(monkeypatch) -> None:
 
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="8.6.1"))
     with pytest.raises(MissingDependencyError, match=r"tensorrt >= 10.*installed: 8\.6\.1"):
-        backends._import_tensorrt()
+        import_tensorrt()
 
 
 def test_missing_cuda_python_is_refused(monkeypatch) -> None:
-    import types
-
-    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.13.0"))
     monkeypatch.setitem(sys.modules, "cuda", None)
     monkeypatch.setitem(sys.modules, "cuda.bindings", None)
     with pytest.raises(MissingDependencyError, match=r"cuda-python.*cops-deploy\[trt\]"):
-        backends._import_tensorrt()
+        import_cudart()

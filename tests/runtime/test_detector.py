@@ -15,7 +15,8 @@ from PIL import Image
 from cops_deploy.errors import BundleError, ConfigError, CopsError, ImageReadError
 from cops_deploy.imaging.decode import load_image
 from cops_deploy.imaging.preprocess import preprocess, resize_map
-from cops_deploy.runtime import backends, detector
+from cops_deploy.runtime.backends import TensorRTBackend, get_backend
+from cops_deploy.runtime.backends import tensorrt as trt_runtime
 from cops_deploy.runtime.bundle import open_bundle
 from cops_deploy.runtime.detector import DEFAULT_MAX_BATCH, Detector, Prediction
 
@@ -59,13 +60,11 @@ def test_quiet_by_default(tiny_bundle: Path, capsys) -> None:
 def test_auto_skips_engine_with_mismatched_key(make_bundle, monkeypatch) -> None:
     """TensorRT importable and engines present, but built for another GPU: ONNX Runtime runs."""
     root = make_bundle(torch_weights=False, engines=True)
-    real_precheck = detector._precheck
-    monkeypatch.setattr(
-        detector, "_precheck", lambda b, k: None if k == "tensorrt" else real_precheck(b, k)
-    )
-    monkeypatch.setattr(backends, "_import_tensorrt", lambda: (None, None))
+    monkeypatch.setattr(TensorRTBackend, "unavailable_reason", classmethod(lambda cls, b: None))
+    monkeypatch.setattr(trt_runtime, "import_tensorrt", lambda: None)
+    monkeypatch.setattr(trt_runtime, "import_cudart", lambda: None)
     here = {"tensorrt_version": "10.13.0", "gpu_name": "NVIDIA L4", "compute_capability": "8.9"}
-    monkeypatch.setattr(backends, "tensorrt_machine_fields", lambda device=0: here)
+    monkeypatch.setattr(trt_runtime, "tensorrt_machine_fields", lambda device=0: here)
     with Detector.open(root) as d:
         assert d.backend_name == "onnxruntime"
         assert "gpu_name='NVIDIA L4'" in d.skipped["tensorrt"]
@@ -73,12 +72,9 @@ def test_auto_skips_engine_with_mismatched_key(make_bundle, monkeypatch) -> None
 
 def _pretend_missing(monkeypatch, *kinds: str) -> None:
     """Make auto selection believe the backends ``kinds`` are not installed."""
-    real_precheck = detector._precheck
-    monkeypatch.setattr(
-        detector,
-        "_precheck",
-        lambda b, k: "pretend it is missing" if k in kinds else real_precheck(b, k),
-    )
+    for kind in kinds:
+        missing = classmethod(lambda cls, bundle: "pretend it is missing")
+        monkeypatch.setattr(get_backend(kind), "unavailable_reason", missing)
 
 
 def test_auto_falls_back_to_torch(tiny_bundle: Path, monkeypatch) -> None:
@@ -100,8 +96,9 @@ def test_auto_with_no_usable_backend_lists_every_reason(make_bundle, monkeypatch
 def test_explicit_backends(tiny_bundle: Path) -> None:
     with Detector.open(tiny_bundle, backend="onnxruntime", threads=1) as d:
         assert d.backend_name == "onnxruntime" and d.skipped == {}
-    with Detector.open(tiny_bundle, backend="torch") as d:
+    with Detector.open(tiny_bundle, backend="torch") as d:  # the plug-in's entry point
         assert d.backend_name == "torch"
+        assert type(d.vision).__module__ == "cops_deploy.export.torch_backend"
 
 
 def test_unknown_backend_is_refused(tiny_bundle: Path) -> None:
@@ -244,8 +241,10 @@ def test_threshold(make_bundle, det: Detector) -> None:
 def test_unreadable_image_is_named(det: Detector, tmp_path: Path) -> None:
     bad = tmp_path / "broken.png"
     bad.write_text("not an image")
-    with pytest.raises(ImageReadError, match="image 1 of 2: .*broken.png"):
+    with pytest.raises(ImageReadError, match="item 1 of 2: .*broken.png"):
         det.predict([rng_images(1)[0], bad])
+    with pytest.raises(ImageReadError, match=r"in images 2\.\.3 of 4: batch item 1 of 2: .*broken"):
+        det.predict([*rng_images(3), bad], batch_size=2)  # the index within the whole call
 
 
 @pytest.mark.parametrize("value", [b"bytes", 3.5, {"a": 1}])

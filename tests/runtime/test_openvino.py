@@ -71,6 +71,34 @@ def test_detector_on_openvino(bundle, ort_outputs) -> None:
         assert np.abs(a.anomaly_map - b.anomaly_map).max() < 1e-5
 
 
+@needs_ov
+def test_open_pair_puts_precision_on_the_vision_graph_only(bundle, monkeypatch) -> None:
+    """open_pair (what Detector runs): the vision graph in the precision asked, the head fp32."""
+    opened: list[tuple[str, str]] = []
+    real = OpenVinoBackend._activate
+
+    def record(self) -> None:  # bf16 is not on every CPU: record the request, run fp32
+        opened.append((self.name, self.precision))
+        self.precision = "fp32"
+        real(self)
+
+    monkeypatch.setattr(OpenVinoBackend, "_activate", record)
+    vision, head = OpenVinoBackend.open_pair(bundle, threads=1, precision="bf16")
+    try:
+        assert opened == [("vision", "bf16"), ("head", "fp32")]
+        assert vision.is_active and head.is_active and head.threads == 1  # type: ignore[attr-defined]
+    finally:
+        head.deactivate()
+        vision.deactivate()
+
+
+def test_unavailable_without_openvino(bundle, monkeypatch) -> None:
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert OpenVinoBackend.unavailable_reason(bundle) == (
+        "openvino is not installed (pip install 'cops-deploy[openvino]')"
+    )
+
+
 def test_bf16_only_on_openvino(bundle) -> None:
     with pytest.raises(ConfigError, match="runs on backend='openvino' only"):
         Detector.open(bundle, backend="onnxruntime", precision="bf16")
