@@ -43,6 +43,7 @@ from cops_deploy.runtime.manifest import (
     PreprocessCfg,
     Provenance,
     TensorSpec,
+    check_engine_key,
     check_relative_path,
     external_data_role,
     ort_variant_role,
@@ -76,12 +77,6 @@ __all__ = [
 ]
 
 HASH_CHUNK_BYTES = 1 << 20
-
-_REBUILD = (
-    "Fix: rebuild the engine on this machine with "
-    "`cops-export --engine trt --bundle {root} --force`, or open the bundle with "
-    "backend='onnxruntime'."
-)
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -172,10 +167,7 @@ class Bundle:
 
     def check_engine_key(self, current: EngineKey, engine: str | None = None) -> Path:
         """Path of the engine if its key matches ``current``; else BundleError naming the field
-        (the message of :func:`cops_deploy.runtime.backends.tensorrt.check_engine_key`)."""
-        # Imported here: the backends package imports this module at its top.
-        from cops_deploy.runtime.backends.tensorrt import check_engine_key
-
+        (the message of :func:`cops_deploy.runtime.manifest.check_engine_key`)."""
         name, stored = self.engine_key(engine)
         rebuild = f"cops-export --engine trt --bundle {self.root} --force"
         check_engine_key(stored, current, f"{name!r} in bundle {self.root}", rebuild)

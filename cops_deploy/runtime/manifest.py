@@ -59,6 +59,7 @@ __all__ = [
     "external_data_role",
     "load_schema",
     "ort_variant_role",
+    "check_engine_key",
 ]
 
 MANIFEST_NAME = "manifest.json"
@@ -340,6 +341,33 @@ class EngineKey:
         """Parse and validate against the schema's ``engine_key``; BundleError naming the key."""
         _validate(data, "engine_key", where)
         return cls(**data)
+
+
+def check_engine_key(
+    stored: EngineKey,
+    current: EngineKey,
+    engine: str,
+    rebuild: str = "cops-export --engine trt --force",
+) -> None:
+    """Refuse an engine whose key ``stored`` differs from ``current`` (this machine's): a
+    BundleError naming the first differing field, both values and the fix.
+
+    Args:
+        stored: the key recorded with the engine.
+        current: the key an engine must carry here (:func:`expected_engine_key`).
+        engine: how the message names the engine (a path, or a name in a bundle).
+        rebuild: the command that rebuilds it here.
+    """
+    field = stored.first_mismatch(current)
+    if field is None:
+        return
+    raise BundleError(
+        f"engine {engine} does not fit this machine: it was built for "
+        f"{field}={getattr(stored, field)!r}, here {field}={getattr(current, field)!r} (engines "
+        f"are tied to the ONNX graph, TensorRT version, GPU, precision and profile). Fix: "
+        f"rebuild it on this machine with `{rebuild}`, or run the ONNX graphs with "
+        f"backend='onnxruntime'."
+    )
 
 
 @dataclass(frozen=True)

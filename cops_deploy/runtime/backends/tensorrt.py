@@ -24,6 +24,7 @@ import numpy as np
 from cops_deploy.errors import BundleError, ConfigError, CopsError, MissingDependencyError
 from cops_deploy.runtime.backends.base import Backend, activate_pair, check_io_names, graph_io
 from cops_deploy.runtime.bundle import Bundle, EngineKey
+from cops_deploy.runtime.manifest import check_engine_key
 
 __all__ = [
     "MIN_TRT_MAJOR",
@@ -39,7 +40,6 @@ __all__ = [
 
 TRT_INSTALL = "pip install 'cops-deploy[trt]'"
 MIN_TRT_MAJOR = 10
-_REBUILD = "cops-export --engine trt --force"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,30 +153,6 @@ def expected_engine_key(bundle: Bundle, graph: str, machine: Mapping[str, str]) 
         compute_capability=machine["compute_capability"],
         precision=stored.precision,
         profile=stored.profile,
-    )
-
-
-def check_engine_key(
-    stored: EngineKey, current: EngineKey, engine: str, rebuild: str = _REBUILD
-) -> None:
-    """Refuse an engine whose key ``stored`` differs from ``current`` (this machine's): a
-    BundleError naming the first differing field, both values and the fix.
-
-    Args:
-        stored: the key recorded with the engine.
-        current: the key an engine must carry here (:func:`expected_engine_key`).
-        engine: how the message names the engine (a path, or a name in a bundle).
-        rebuild: the command that rebuilds it here.
-    """
-    field = stored.first_mismatch(current)
-    if field is None:
-        return
-    raise BundleError(
-        f"engine {engine} does not fit this machine: it was built for "
-        f"{field}={getattr(stored, field)!r}, here {field}={getattr(current, field)!r} (engines "
-        f"are tied to the ONNX graph, TensorRT version, GPU, precision and profile). Fix: "
-        f"rebuild it on this machine with `{rebuild}`, or run the ONNX graphs with "
-        f"backend='onnxruntime'."
     )
 
 
