@@ -307,6 +307,15 @@ def bomb_png(width: int, height: int) -> bytes:
     )
 
 
+def nan_tiff() -> bytes:
+    """A 32-bit float TIFF with a NaN pixel: it decodes, but the Detector refuses to convert it."""
+    pixels = np.full((8, 8), 0.5, dtype=np.float32)
+    pixels[0, 0] = np.nan
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="TIFF")
+    return buffer.getvalue()
+
+
 def damaged_png(data: bytes) -> bytes:
     """One byte of the first IDAT chunk's data flipped (its CRC no longer matches)."""
     at = data.index(b"IDAT") + 8
@@ -352,6 +361,9 @@ BAD_INPUT: dict[str, Bad] = {
         lambda png, jpg: raw(jpg[: len(jpg) // 2], "image/jpeg"), 422, "corrupt_image"
     ),
     "PNG with a bad checksum": Bad(lambda png, jpg: raw(damaged_png(png)), 422, "corrupt_image"),
+    "float TIFF with NaN": Bad(
+        lambda png, jpg: raw(nan_tiff(), "image/tiff"), 422, "unreadable_image"
+    ),
     "empty body": Bad(lambda png, jpg: raw(b""), 400, "empty_body"),
     "empty file": Bad(
         lambda png, jpg: multipart({"file": ("part.png", b"", "image/png")}), 400, "empty_body"
@@ -510,6 +522,80 @@ def test_failed_open_is_reported(plain_bundle: Path, image_files: dict[str, Path
         check_error(post_image(c, image_files["rgb.png"], "raw"), 503, "not_ready")
         assert c.get("/health").status_code == 200
     assert failures == [message]
+
+
+def test_closed_detector_gives_503(plain_bundle: Path, image_files: dict[str, Path]) -> None:
+    opened: list[Detector] = []
+
+    def open_and_keep(cfg: ServiceCfg) -> Detector:
+        opened.append(Detector.open(cfg.bundle, backend=cfg.backend))
+        return opened[0]
+
+    app = create_app(ServiceCfg(bundle=plain_bundle, backend="onnxruntime"), opener=open_and_keep)
+    with serve_in_thread(app) as c:
+        wait_until(lambda: answers(c, "/ready", 200), "readiness")
+        opened[0].close()  # as if the service were shutting down under the request
+        response = post_image(c, image_files["rgb.png"], "raw")
+        check_error(response, 503, "not_ready")
+        assert "closed" in response.json()["message"]
+
+
+class BrokenDetector:
+    """Opens fine, fails every prediction with an unexpected error (a bug, not bad input)."""
+
+    backend_name = "broken"
+
+    def describe(self) -> str:
+        return "broken test double"
+
+    def predict(self, images: Any, original_size: bool = False) -> list:
+        raise RuntimeError("the backend crashed")
+
+    def close(self) -> None:
+        pass
+
+
+class GatedDetector(BrokenDetector):
+    """Predicts only once ``gate`` is set: a prediction that takes as long as the test wants."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.started = threading.Event()
+
+    def predict(self, images: Any, original_size: bool = False) -> list:
+        from cops_deploy.runtime import Prediction
+
+        self.started.set()
+        if not self.gate.wait(timeout=TIMEOUT):
+            raise TimeoutError("the test never opened the gate")
+        amap = np.zeros((8, 8), dtype=np.float32)
+        return [Prediction(0.5, amap, None, None, (8, 8), None)]
+
+
+def test_predictions_run_off_the_event_loop(
+    plain_bundle: Path, image_files: dict[str, Path]
+) -> None:
+    """While a prediction blocks its worker thread, the server still answers."""
+    detector = GatedDetector()
+    app = create_app(ServiceCfg(bundle=plain_bundle), opener=lambda cfg: detector)
+    with serve_in_thread(app) as c, ThreadPoolExecutor(max_workers=1) as pool:
+        wait_until(lambda: answers(c, "/ready", 200), "readiness")
+        pending = pool.submit(post_image, c, image_files["rgb.png"], "raw")
+        wait_until(detector.started.is_set, "the prediction to start")
+        assert c.get("/health", timeout=5).status_code == 200  # the loop is free
+        assert not pending.done()
+        detector.gate.set()
+        assert pending.result(timeout=TIMEOUT).json()["score"] == 0.5
+
+
+def test_unexpected_error_is_a_json_500(plain_bundle: Path, image_files: dict[str, Path]) -> None:
+    app = create_app(ServiceCfg(bundle=plain_bundle), opener=lambda cfg: BrokenDetector())
+    with serve_in_thread(app) as c:
+        wait_until(lambda: answers(c, "/ready", 200), "readiness")
+        response = post_image(c, image_files["rgb.png"], "raw")
+        check_error(response, 500, "internal_error")
+        assert "RuntimeError: the backend crashed" in response.json()["message"]
+        assert c.get("/health").status_code == 200
 
 
 def test_cli_exits_1_when_the_bundle_cannot_open(tmp_path: Path) -> None:
