@@ -317,9 +317,15 @@ def nan_tiff() -> bytes:
 
 
 def damaged_png(data: bytes) -> bytes:
-    """One byte of the first IDAT chunk's data flipped (its CRC no longer matches)."""
+    """One byte of the first IDAT chunk's data flipped (the decoder fails)."""
     at = data.index(b"IDAT") + 8
     return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]
+
+
+def bad_checksum_png(data: bytes) -> bytes:
+    """The last IDAT chunk's CRC flipped: the pixels decode, only the checksum tells."""
+    at = len(data) - 12 - 4  # the CRC just before the 12-byte IEND chunk
+    return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1 :]
 
 
 def gif_bytes() -> bytes:
@@ -360,7 +366,11 @@ BAD_INPUT: dict[str, Bad] = {
     "truncated JPEG": Bad(
         lambda png, jpg: raw(jpg[: len(jpg) // 2], "image/jpeg"), 422, "corrupt_image"
     ),
-    "PNG with a bad checksum": Bad(lambda png, jpg: raw(damaged_png(png)), 422, "corrupt_image"),
+    "PNG with damaged data": Bad(lambda png, jpg: raw(damaged_png(png)), 422, "corrupt_image"),
+    "PNG with a bad checksum": Bad(
+        lambda png, jpg: raw(bad_checksum_png(png)), 422, "corrupt_image"
+    ),
+    "PNG without its end marker": Bad(lambda png, jpg: raw(png[:-12]), 422, "corrupt_image"),
     "float TIFF with NaN": Bad(
         lambda png, jpg: raw(nan_tiff(), "image/tiff"), 422, "unreadable_image"
     ),
