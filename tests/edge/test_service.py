@@ -328,6 +328,12 @@ def bad_checksum_png(data: bytes) -> bytes:
     return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1 :]
 
 
+def bad_bmp() -> bytes:
+    """A BMP header with 99 bits per pixel: recognised as BMP, refused when opened."""
+    info = struct.pack("<IiiHH", 40, 5, 5, 1, 99) + b"\x00" * 24
+    return b"BM" + struct.pack("<IHHI", 14 + len(info), 0, 0, 14 + len(info)) + info
+
+
 def gif_bytes() -> bytes:
     buffer = io.BytesIO()
     Image.new("P", (8, 8)).save(buffer, format="GIF")
@@ -371,6 +377,9 @@ BAD_INPUT: dict[str, Bad] = {
         lambda png, jpg: raw(bad_checksum_png(png)), 422, "corrupt_image"
     ),
     "PNG without its end marker": Bad(lambda png, jpg: raw(png[:-12]), 422, "corrupt_image"),
+    "BMP header Pillow rejects": Bad(
+        lambda png, jpg: raw(bad_bmp(), "image/bmp"), 422, "corrupt_image"
+    ),
     "float TIFF with NaN": Bad(
         lambda png, jpg: raw(nan_tiff(), "image/tiff"), 422, "unreadable_image"
     ),
