@@ -29,6 +29,9 @@ EVAL_HELP = DatasetRunHelp(
 )
 
 
+NEEDS_BUILD = True  # runs PyTorch: cli.main refuses it with the install hint without [build]
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``eval`` command to the ``cops`` sub-parsers."""
     p = subparsers.add_parser(

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import cops_deploy.cli as cli_pkg
 from cops_deploy.errors import CopsError
+from cops_deploy.extras import BUILD_INSTALL, missing_build_packages, require_build
 from cops_deploy.version import __version__
 
 
@@ -29,7 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     for info in sorted(pkgutil.iter_modules(cli_pkg.__path__), key=lambda m: m.name):
         if info.name.endswith("_cmd"):
             module = importlib.import_module(f"cops_deploy.cli.{info.name}")
-            module.add_parser(sub)
+            command = module.add_parser(sub)
+            # NEEDS_BUILD: the command runs PyTorch (train, eval, demo); checked before it runs so
+            # that a runtime-only install says which extra to add instead of a traceback.
+            command.set_defaults(needs_build=getattr(module, "NEEDS_BUILD", False))
     return parser
 
 
@@ -41,9 +45,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.needs_build:
+            require_build(f"cops {args.command}")
         return int(args.func(args) or 0)
     except CopsError as exc:
         print(f"cops {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        # A build-side package imported by a command that is not marked NEEDS_BUILD (or by one
+        # of its options): the same one-line hint, never a traceback.
+        if (exc.name or "").split(".")[0] not in missing_build_packages():
+            raise
+        print(f"cops {args.command}: error: {exc}. Fix: {BUILD_INSTALL}", file=sys.stderr)
         return 2
 
 

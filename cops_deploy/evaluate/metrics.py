@@ -38,6 +38,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cops_deploy.errors import ConfigError, MissingDependencyError
+from cops_deploy.extras import BUILD_INSTALL
 
 __all__ = [
     "IMAGE_METRICS",
@@ -213,7 +214,7 @@ def _label_regions(mask: np.ndarray) -> tuple[np.ndarray, int]:
     except ImportError as exc:  # pragma: no cover - scipy is a declared dependency
         raise MissingDependencyError(
             "AUPRO needs scipy to find the connected regions of the masks. Fix: "
-            "`pip install scipy`, or pass compute_aupro=False."
+            f"{BUILD_INSTALL}, or pass compute_aupro=False."
         ) from exc
     labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=int))
     return labels, int(count)

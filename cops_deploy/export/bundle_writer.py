@@ -27,6 +27,7 @@ import numpy as np
 
 from cops_deploy.configs import CopsCfg
 from cops_deploy.errors import BundleError, MissingDependencyError
+from cops_deploy.extras import BUILD_INSTALL
 from cops_deploy.runtime.bundle import open_bundle, sha256_file
 from cops_deploy.runtime.manifest import (
     MANIFEST_NAME,
@@ -57,8 +58,7 @@ def onnx_external_data_files(onnx_path: _PathLike) -> list[str]:
         from onnx.external_data_helper import ExternalDataInfo, uses_external_data
     except ImportError as exc:  # pragma: no cover - onnx is a build-side dependency
         raise MissingDependencyError(
-            "adding an ONNX file with external data needs the 'onnx' package. "
-            "Fix: pip install 'onnx>=1.16'"
+            f"adding an ONNX file with external data needs the 'onnx' package. Fix: {BUILD_INSTALL}"
         ) from exc
     try:
         model = onnx.load(os.fspath(onnx_path), load_external_data=False)

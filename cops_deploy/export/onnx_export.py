@@ -29,6 +29,7 @@ from torch import nn
 from cops_deploy.configs import CopsCfg
 from cops_deploy.errors import ConfigError, ExportError, MissingDependencyError
 from cops_deploy.export.fused_ops import onnx_translation_table
+from cops_deploy.extras import BUILD_INSTALL
 from cops_deploy.model.cops import CopsModel
 from cops_deploy.runtime.contract import BATCH_DIM
 
@@ -324,7 +325,7 @@ def compare_with_onnxruntime(
     except ImportError as exc:
         raise MissingDependencyError(
             f"comparing with Polygraphy needs the 'polygraphy' package ({exc}). "
-            f"Fix: pip install 'cops-deploy[dev]' (or pip install 'polygraphy>=0.49')."
+            f"Fix: {BUILD_INSTALL}."
         ) from exc
     inputs, outputs = _graph_names(graph)
     feeds = [{name: np.asarray(f[name], dtype=np.float32) for name in inputs} for f in feeds]

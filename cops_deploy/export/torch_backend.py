@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from cops_deploy.errors import BundleError, ConfigError, MissingDependencyError, WeightsError
+from cops_deploy.extras import BUILD_INSTALL
 from cops_deploy.runtime.backends import Backend, activate_pair, check_graph_names
 from cops_deploy.runtime.bundle import Bundle
 from cops_deploy.runtime.contract import GRAPH_IO_NAMES, IMAGE, IMAGE_EMBEDDING, PATCH_EMBEDDING
@@ -25,7 +26,7 @@ from cops_deploy.runtime.contract import GRAPH_IO_NAMES, IMAGE, IMAGE_EMBEDDING,
 __all__ = ["ROLE_TORCH_MODEL", "TORCH_INSTALL", "TorchBackend", "load_torch_model"]
 
 ROLE_TORCH_MODEL = "torch_model"
-TORCH_INSTALL = "pip install torch"
+TORCH_INSTALL = BUILD_INSTALL
 
 
 def _import_torch() -> Any:

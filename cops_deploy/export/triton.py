@@ -32,6 +32,7 @@ from typing import Any
 
 from cops_deploy.errors import BundleError, ConfigError, MissingDependencyError
 from cops_deploy.export.bundle_writer import onnx_external_data_files, replace_dir
+from cops_deploy.extras import BUILD_INSTALL
 from cops_deploy.runtime.bundle import Bundle, open_bundle
 
 __all__ = [
@@ -114,8 +115,7 @@ def _import_onnx() -> Any:
         import onnx
     except ImportError as exc:  # pragma: no cover - onnx is a build-side dependency
         raise MissingDependencyError(
-            f"writing a Triton repository needs the 'onnx' package ({exc}). "
-            f"Fix: pip install 'onnx>=1.16'"
+            f"writing a Triton repository needs the 'onnx' package ({exc}). Fix: {BUILD_INSTALL}"
         ) from exc
     return onnx
 

@@ -17,6 +17,7 @@ import torch
 
 from cops_deploy.configs import CopsCfg, config_from_dict
 from cops_deploy.errors import MissingDependencyError, WeightsError
+from cops_deploy.extras import BUILD_INSTALL
 from cops_deploy.fileio import atomic_write_bytes
 
 # Entries an OpenAI CLIP file may carry besides the weights (METHOD.md section 6).
@@ -164,7 +165,8 @@ def download_openai_clip(cfg: CopsCfg) -> Path:
         from open_clip import pretrained as oc_pretrained
     except ImportError as exc:
         raise MissingDependencyError(
-            "loading the 'openai' tag needs open_clip: pip install open_clip_torch"
+            "loading the 'openai' tag needs open_clip, which is not installed. Fix: "
+            f"{BUILD_INSTALL}"
         ) from exc
     pcfg = oc_pretrained.get_pretrained_cfg(info["open_clip_model"], info["open_clip_tag"])
     if not pcfg:

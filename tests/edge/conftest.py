@@ -83,21 +83,18 @@ def service_bundle(
     from cops_deploy.configs import get_config
     from cops_deploy.export.bundle_writer import BundleWriter
     from cops_deploy.runtime import Detector
-    from cops_deploy.runtime.bundle import HeadCfg, PreprocessCfg, Provenance
+    from cops_deploy.runtime.manifest import Provenance
 
     with Detector.open(plain_bundle, backend="onnxruntime") as detector:
         scores = [p.score for p in detector.predict(list(image_files.values()))]
     threshold = float(np.median(scores))
     cfg = get_config(cops_tiny_bundle.MODEL)
-    h, p = cfg.head, cfg.preprocess
     out = tmp_path_factory.mktemp("edge_service") / "bundle"
     with BundleWriter(out) as writer:
         writer.add_onnx(edge_graphs / "vision.onnx", role="vision_onnx")
         writer.add_onnx(edge_graphs / "head.onnx", role="head_onnx")
         writer.set_metadata(
             model_config=cfg.to_dict(),
-            preprocess=PreprocessCfg(p.size, tuple(p.mean), tuple(p.std), p.interpolation),
-            head=HeadCfg(h.alpha, h.beta, h.sigma, h.samples, h.tau, h.neighbour_kernel),
             graphs={
                 g: cops_tiny_bundle.graph_io(edge_graphs / f"{g}.onnx", f"{g}.onnx")
                 for g in ("vision", "head")

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-grpc = pytest.importorskip("grpc", reason="needs grpcio (pip install 'tritonclient[grpc]')")
+grpc = pytest.importorskip("grpc", reason="needs grpcio (pip install 'cops-deploy[triton]')")
 grpcclient = pytest.importorskip(
-    "tritonclient.grpc", reason="needs tritonclient (pip install 'tritonclient[grpc]')"
+    "tritonclient.grpc", reason="needs tritonclient (pip install 'cops-deploy[triton]')"
 )
 ort = pytest.importorskip("onnxruntime")
 from google.protobuf import text_format  # noqa: E402

@@ -103,7 +103,8 @@ def test_says_why_it_cannot_run(bundle: Bundle, make_bundle, monkeypatch) -> Non
     import importlib.util
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    assert TorchBackend.unavailable_reason(bundle) == "torch is not installed (pip install torch)"
+    want = "torch is not installed (pip install 'cops-deploy[build,cpu]')"
+    assert TorchBackend.unavailable_reason(bundle) == want
 
 
 def test_needs_weights_in_the_bundle(make_bundle) -> None:
@@ -141,5 +142,5 @@ def test_invalid_model_config_is_refused(bundle: Bundle) -> None:
 
 def test_missing_torch_gives_install_command(bundle: Bundle, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
-    with pytest.raises(MissingDependencyError, match="needs PyTorch.*pip install torch"):
+    with pytest.raises(MissingDependencyError, match="needs PyTorch.*pip install 'cops-deploy\[build,cpu\]'"):
         TorchBackend(bundle, "vision").activate()

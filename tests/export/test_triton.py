@@ -25,7 +25,7 @@ onnx = pytest.importorskip("onnx")
 text_format = pytest.importorskip("google.protobuf.text_format")
 model_config_pb2 = pytest.importorskip(
     "tritonclient.grpc.model_config_pb2",
-    reason="tritonclient is not installed (pip install 'tritonclient[grpc]', in the dev extra)",
+    reason="tritonclient is not installed (pip install 'cops-deploy[triton]')",
 )
 FP32 = model_config_pb2.DataType.Value("TYPE_FP32")
 

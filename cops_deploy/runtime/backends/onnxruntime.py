@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from cops_deploy.errors import BundleError, ConfigError, MissingDependencyError
+from cops_deploy.extras import ORT_INSTALL, install_command
 from cops_deploy.runtime.backends.base import (
     Backend,
     activate_pair,
@@ -26,7 +27,6 @@ from cops_deploy.runtime.bundle import Bundle, GraphIO, ort_variant_role
 
 __all__ = ["ORT_INSTALL", "ORT_VARIANTS", "OnnxRuntimeBackend", "default_ort_providers"]
 
-ORT_INSTALL = "pip install onnxruntime (or 'cops-deploy[gpu]' for onnxruntime-gpu)"
 ORT_VARIANTS = ("auto", "portable", "ort")
 _CUDA_PROVIDER = "CUDAExecutionProvider"
 _CPU_PROVIDER = "CPUExecutionProvider"
@@ -126,8 +126,8 @@ class OnnxRuntimeBackend(Backend):
         if unknown:
             raise ConfigError(
                 f"ONNX Runtime provider(s) {unknown} are not available here; available: "
-                f"{available}. Fix: pass providers from that list (CUDA needs onnxruntime-gpu: "
-                f"pip install 'cops-deploy[gpu]')."
+                f"{available}. Fix: pass providers from that list (CUDA needs onnxruntime-gpu, "
+                f"not onnxruntime: {install_command('gpu')} in an environment without [cpu])."
             )
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from cops_deploy.errors import BundleError, ConfigError, MissingDependencyError
+from cops_deploy.extras import install_command
 from cops_deploy.runtime.backends.base import (
     Backend,
     activate_pair,
@@ -23,7 +24,7 @@ from cops_deploy.runtime.bundle import Bundle
 
 __all__ = ["OPENVINO_INSTALL", "OPENVINO_PRECISIONS", "OpenVinoBackend"]
 
-OPENVINO_INSTALL = "pip install 'cops-deploy[openvino]'"
+OPENVINO_INSTALL = install_command("openvino")
 OPENVINO_PRECISIONS = ("fp32", "bf16")
 
 

@@ -19,6 +19,7 @@ import logging
 from importlib import metadata
 
 from cops_deploy.errors import BundleError, ConfigError, CopsError, MissingDependencyError
+from cops_deploy.extras import BUILD_INSTALL
 from cops_deploy.runtime.backends.base import Backend, check_threads
 from cops_deploy.runtime.backends.onnxruntime import ORT_INSTALL, OnnxRuntimeBackend
 from cops_deploy.runtime.backends.openvino import OpenVinoBackend
@@ -226,6 +227,8 @@ class BackendRegistry:
 def _install_hint(ep: metadata.EntryPoint, exc: ImportError) -> str:
     """What to install when the plug-in ``ep`` raised ``exc`` on import."""
     missing = (exc.name or "").split(".")[0]
+    if missing and ep.module.startswith("cops_deploy."):  # our own plug-ins: the build side
+        return BUILD_INSTALL
     if missing and missing != ep.module.split(".")[0]:
         return f"install the package that provides {missing!r} (usually `pip install {missing}`)"
     dist = ep.dist.name if ep.dist is not None else "the package that declares the plug-in"

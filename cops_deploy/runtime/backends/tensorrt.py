@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from cops_deploy.errors import BundleError, ConfigError, CopsError, MissingDependencyError
+from cops_deploy.extras import install_command
 from cops_deploy.runtime.backends.base import Backend, activate_pair, check_io_names, graph_io
 from cops_deploy.runtime.bundle import Bundle, EngineKey
 from cops_deploy.runtime.manifest import check_engine_key
@@ -38,7 +39,7 @@ __all__ = [
     "tensorrt_machine_fields",
 ]
 
-TRT_INSTALL = "pip install 'cops-deploy[trt]'"
+TRT_INSTALL = install_command("trt")
 MIN_TRT_MAJOR = 10
 
 
