@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-
 from cops_deploy.errors import CopsError
 
 
@@ -54,11 +52,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def _torch_predictor(args: argparse.Namespace):
-    import torch
-
-    from cops_deploy.imaging.preprocess import preprocess
-    from cops_deploy.model.factory import create_model
+def _check_weights(args: argparse.Namespace) -> None:
+    """The weight arguments make a model that is not silently random."""
     from cops_deploy.model.weights import is_own_format
 
     own_full = args.weights and is_own_format(args.weights)
@@ -72,18 +67,6 @@ def _torch_predictor(args: argparse.Namespace):
             "--weights is a reference CoPS checkpoint, which holds no CLIP weights: pass "
             "--clip-weights (a file, or 'openai' to download)"
         )
-    model = create_model(args.model, clip_weights=args.clip_weights, cops_weights=args.weights)
-    model = model.to(args.device)
-    pre = model.cfg.preprocess
-
-    def predict_batch(rgbs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        x = np.stack([preprocess(rgb, pre.size, pre.mean, pre.std) for rgb in rgbs])
-        with torch.inference_mode():
-            out = model(torch.from_numpy(x).to(args.device))
-        return out.pred_score.float().cpu().numpy(), out.anomaly_map.float().cpu().numpy()
-
-    info = {"model": args.model, "weights": model.provenance, "backend": "torch"}
-    return predict_batch, info
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,11 +81,25 @@ def run(args: argparse.Namespace) -> int:
             f"--precision {args.precision} runs a bundle on --backend openvino; the PyTorch "
             f"path is fp32. Fix: export a bundle (cops-export) and pass --bundle."
         )
-    from cops_deploy.cli.predict_common import prepare_out_dir, run_predict
+    from cops_deploy.cli.predict_common import finish
     from cops_deploy.imaging.decode import iter_image_files
+    from cops_deploy.model.factory import create_model
+    from cops_deploy.model.predict import model_batch
+    from cops_deploy.runtime.predict_files import prepare_out_dir, write_predictions
 
     files = iter_image_files(args.inputs)  # a missing path fails before the model loads
     prepare_out_dir(args.out, args.force)
-    predict_batch, info = _torch_predictor(args)
-    report = run_predict(files, predict_batch, args.out, args.batch_size, True, info)
-    return report.exit_status
+    _check_weights(args)
+    model = create_model(args.model, clip_weights=args.clip_weights, cops_weights=args.weights)
+    model = model.to(args.device)
+    info = {"model": args.model, "weights": model.provenance, "backend": "torch"}
+    report = write_predictions(
+        files,
+        model_batch(model),
+        args.out,
+        batch_size=args.batch_size,
+        force=True,  # checked above, before the model loaded
+        info=info,
+        progress=True,
+    )
+    return finish(report, args.out)
