@@ -13,28 +13,33 @@ PyTorch measured with ONNX Runtime, the atomic bundle write, and the Triton repo
 so) and an existing bundle unless ``force``. :func:`add_engines` adds TensorRT engines to an
 existing bundle, keeping every other file and manifest field.
 
-The library is silent: progress goes to a :class:`Progress` (stage begin / end / skip, and
-notes), :class:`PrintProgress` prints the numbered lines ``cops-export`` shows. Messages and
+The library is silent: progress goes to a :class:`~cops_deploy.export.progress.Progress` (stage
+begin / end / skip, and notes; see :mod:`cops_deploy.export.progress`, re-exported here), and
+:class:`PrintProgress` prints the numbered lines ``cops-export`` shows. Messages and
 skip reasons name the ``cops-export`` flag of each :class:`ExportCfg` field (``max_batch`` is
 ``--max-batch``). Heavy packages (torch, onnx, tensorrt) are imported when a stage needs them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import shutil
-import sys
 import tempfile
-import time
 import types
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any
 
 from cops_deploy.errors import ConfigError, ExportError, MissingDependencyError
+from cops_deploy.export.progress import (
+    PrintProgress,
+    Progress,
+    SilentProgress,
+    Stage,
+    StageReporter,
+)
 from cops_deploy.runtime.bundle import Bundle
 
 __all__ = [
@@ -74,113 +79,6 @@ STAGES: tuple[str, ...] = (
 )
 ADD_ENGINE_STAGES: tuple[str, ...] = ("engine", "writing bundle")
 _EXAMPLE = "cops-export --model NAME --weights CKPT --clip-weights W --out DIR"
-
-
-# ----------------------------------------------------------------------------------------------
-# Progress
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One stage of a run: its name and its place (``step`` of ``total``, from 1)."""
-
-    name: str
-    step: int
-    total: int
-
-
-class Progress(Protocol):
-    """Receives a run's progress: each stage begins and ends (or is skipped), notes between."""
-
-    def begin(self, stage: Stage) -> None:
-        """``stage`` starts."""
-
-    def end(self, stage: Stage, seconds: float) -> None:
-        """``stage`` finished after ``seconds``."""
-
-    def skip(self, stage: Stage, why: str) -> None:
-        """``stage`` does not run, for the reason ``why``."""
-
-    def note(self, text: str) -> None:
-        """A detail of the running stage (a parity figure, an engine built, a warning)."""
-
-
-class SilentProgress:
-    """A :class:`Progress` that reports nothing: the library's default."""
-
-    def begin(self, stage: Stage) -> None:
-        """Nothing."""
-
-    def end(self, stage: Stage, seconds: float) -> None:
-        """Nothing."""
-
-    def skip(self, stage: Stage, why: str) -> None:
-        """Nothing."""
-
-    def note(self, text: str) -> None:
-        """Nothing."""
-
-
-class PrintProgress:
-    """Numbered stage lines with timings, ``[3/10] exporting head: done (12.3 s)``, and notes
-    indented below them (what ``cops-export`` prints)."""
-
-    def __init__(self, stream: TextIO | None = None) -> None:
-        self._stream = stream
-
-    def _print(self, text: str) -> None:
-        print(text, file=self._stream or sys.stdout, flush=True)
-
-    @staticmethod
-    def _tag(stage: Stage) -> str:
-        return f"[{stage.step}/{stage.total}] {stage.name}"
-
-    def begin(self, stage: Stage) -> None:
-        """``[k/n] name ...``"""
-        self._print(f"{self._tag(stage)} ...")
-
-    def end(self, stage: Stage, seconds: float) -> None:
-        """``[k/n] name: done (s)``"""
-        self._print(f"{self._tag(stage)}: done ({seconds:.1f} s)")
-
-    def skip(self, stage: Stage, why: str) -> None:
-        """``[k/n] name: skipped (why)``"""
-        self._print(f"{self._tag(stage)}: skipped ({why})")
-
-    def note(self, text: str) -> None:
-        """The note, indented by four spaces."""
-        self._print(f"    {text}")
-
-
-class _Stages:
-    """Reports the stages of one run (from a fixed list) to a Progress, timing each."""
-
-    def __init__(self, names: Sequence[str], progress: Progress | None) -> None:
-        self._names = tuple(names)
-        self._progress: Progress = progress if progress is not None else SilentProgress()
-        self._start: dict[str, float] = {}
-
-    def _stage(self, name: str) -> Stage:
-        return Stage(name, self._names.index(name) + 1, len(self._names))
-
-    def begin(self, name: str) -> None:
-        self._progress.begin(self._stage(name))
-        self._start[name] = time.perf_counter()
-
-    def end(self, name: str) -> None:
-        self._progress.end(self._stage(name), time.perf_counter() - self._start.pop(name))
-
-    @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        self.begin(name)
-        yield  # a stage that raises reports no end
-        self.end(name)
-
-    def skip(self, name: str, why: str) -> None:
-        self._progress.skip(self._stage(name), why)
-
-    def note(self, text: str) -> None:
-        self._progress.note(text)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -426,7 +324,7 @@ def export_bundle(cfg: ExportCfg, progress: Progress | None = None) -> Bundle:
     from cops_deploy.runtime.bundle import open_bundle
 
     _check_environment(cfg)
-    stages = _Stages(STAGES if cfg.triton else STAGES[:-1], progress)
+    stages = StageReporter(STAGES if cfg.triton else STAGES[:-1], progress)
     out = cfg.out
     with BundleWriter(out, force=cfg.force) as writer:  # refuses an existing bundle up front
         with tempfile.TemporaryDirectory(prefix=f".{out.name}.work-", dir=out.parent) as tmp:
@@ -480,7 +378,7 @@ def _stage_files(writer: Any, work: Path, keys: Mapping[str, Any], torch_weights
 
 
 def _export_into(
-    cfg: ExportCfg, work: Path, stages: _Stages
+    cfg: ExportCfg, work: Path, stages: StageReporter
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every stage up to the bundle's files (written into ``work``); returns the manifest
     metadata and the engine keys by graph name."""
@@ -527,8 +425,8 @@ def _export_into(
     return _metadata(model.cfg, provenance, parity, cfg.engine == "trt"), keys
 
 
-def _load_model(cfg: ExportCfg, stages: _Stages) -> tuple[Any, Any]:
-    from cops_deploy import create_model
+def _load_model(cfg: ExportCfg, stages: StageReporter) -> tuple[Any, Any]:
+    from cops_deploy.model.factory import create_model
 
     with stages.stage("loading model"):
         model = create_model(
@@ -563,7 +461,7 @@ def _provenance(model: Any, allow_random: bool) -> Any:
 
 
 def _export_graphs(
-    cfg: ExportCfg, model: Any, work: Path, stages: _Stages
+    cfg: ExportCfg, model: Any, work: Path, stages: StageReporter
 ) -> tuple[dict[str, Path], Path | None]:
     """The deploy graphs as checked ONNX files in ``work`` (and the ORT variant, if any)."""
     import torch
@@ -641,7 +539,7 @@ def _build_engines(
     max_batch: int,
     cache: Path | None,
     rebuild: bool,
-    stages: _Stages,
+    stages: StageReporter,
 ) -> dict[str, Any]:
     """Build (or reuse from the cache) one engine per graph into ``work``; returns the keys."""
     from cops_deploy.export.tensorrt import build_engine_cached
@@ -752,7 +650,7 @@ def add_engines(
             f"bundle {bundle.root} already has engines {sorted(manifest.engines)}. Fix: pass "
             f"--force (force=True) to rebuild them for this machine."
         )
-    stages = _Stages(ADD_ENGINE_STAGES, progress)
+    stages = StageReporter(ADD_ENGINE_STAGES, progress)
     cache = None if engine_cache is None else Path(engine_cache)
     with tempfile.TemporaryDirectory(prefix=".engines-", dir=bundle.root.parent) as tmp:
         work = Path(tmp)

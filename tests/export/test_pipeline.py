@@ -1,6 +1,6 @@
 """The export pipeline as a library: ExportCfg's refusals, export_bundle on cops-tiny with random
-weights (the bundle it returns, the progress it reports, silence by default), add_engines with
-a faked TensorRT builder, and the numbered lines PrintProgress prints."""
+weights (the bundle it returns, the progress it reports, silence by default), and add_engines
+with a faked TensorRT builder."""
 
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ from cops_deploy.export.onnx_export import run_onnxruntime, synthetic_images
 from cops_deploy.export.pipeline import (
     STAGES,
     ExportCfg,
-    PrintProgress,
     Stage,
     add_engines,
     default_engine_cache,
@@ -342,23 +341,3 @@ def test_cfg_refuses_non_bool_flags(name):
 def test_replace_validates_again():
     with pytest.raises(ConfigError, match="--max-batch must be >= 1"):
         ExportCfg(**good()).replace(max_batch=-1)
-
-
-# ---------------------------------------------------------------------------------------------
-# PrintProgress
-
-
-def test_print_progress_lines():
-    stream = io.StringIO()
-    printer = PrintProgress(stream)
-    stage = Stage("exporting head", 3, 9)
-    printer.begin(stage)
-    printer.note("vision: 12 float16 matmuls")
-    printer.end(stage, 12.34)
-    printer.skip(Stage("fp16", 7, 9), "precision fp32")
-    assert stream.getvalue().splitlines() == [
-        "[3/9] exporting head ...",
-        "    vision: 12 float16 matmuls",
-        "[3/9] exporting head: done (12.3 s)",
-        "[7/9] fp16: skipped (precision fp32)",
-    ]
