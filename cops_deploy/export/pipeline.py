@@ -269,7 +269,13 @@ def _check_model(model: Any, overrides: Mapping[str, Any]) -> None:
             f"invalid ExportCfg.model {model!r} ({type(model).__name__}); valid: a registered "
             f"architecture name, one of {list_configs()}. Fix: pass model='cops-vit-l-14-336'."
         )
-    cfg = get_config(model)  # unknown CoPS model 'nope'; registered models are [...]
+    try:
+        cfg = get_config(model)
+    except ConfigError as exc:  # unknown CoPS model 'nope'; registered models are [...]
+        raise ConfigError(
+            f"invalid ExportCfg.model {model!r} (--model): {exc}. Fix: pass one of them, or "
+            f"register your own architecture with cops_deploy.configs.add_config(path)."
+        ) from exc
     for key, value in overrides.items():
         section, _, name = str(key).partition(".")
         default = getattr(cfg.head, name, None) if section == "head" else None
