@@ -140,7 +140,7 @@ class ExportCfg:
     parity_images: int = 2
     ort_variant: bool = True
     opset: int = 20
-    head_overrides: Mapping[str, float] = field(default_factory=dict)
+    head_overrides: Mapping[str, int | float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.out is None:
