@@ -2,8 +2,9 @@
 labelled synthetic data, and the results files (JSON, Markdown, PNG chart).
 
 Every backend is a callable ``(B, 3, S, S) float32 numpy -> (scores (B,), maps (B, S, S))``
-over the same weights (``create_model(arch, seed=0)``, which is also what ``cops-export
---random-weights --seed 0`` exports), so their outputs and times compare directly.
+over the same weights (``create_model(arch, seed=0)``, which is also what
+``export_bundle(ExportCfg(..., random_weights=True, seed=0))`` exports), so their outputs and
+times compare directly.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ A script, not a test (minutes on a 2-core CPU, ~1.5 GB bundle):
     python benchmarks/export_full.py --out /tmp/cops_full [--precision fp16] [--json out.json]
     python benchmarks/export_full.py --out /tmp/cops_full --reuse     # time it again only
 
-It runs ``cops-export`` (the real CLI: graphs, dynamo export, checks, parity, bundle), then
+It runs ``export_bundle`` (the library behind ``cops-export``: graphs, dynamo export, checks,
+parity, bundle, with the same progress lines), then
 times per image on CPU: PyTorch eager ``CopsModel``, the torch deploy graphs, and ONNX Runtime
 on the bundle's graphs, with the head's share of each; and prints the ORT-vs-torch parity
 (anomaly-map max diff, score diff) and the bundle size.
@@ -25,9 +26,10 @@ from typing import Any
 import torch
 
 from cops_deploy import create_model
-from cops_deploy.cli.export import main as cops_export
+from cops_deploy.errors import CopsError
 from cops_deploy.export.graphs import DeployModel
 from cops_deploy.export.onnx_export import onnxruntime_session, synthetic_images
+from cops_deploy.export.pipeline import ExportCfg, PrintProgress, export_bundle
 from cops_deploy.runtime.bundle import open_bundle
 
 MODEL = "cops-vit-l-14-336"
@@ -63,11 +65,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     if not args.reuse:
-        argv = ["--model", MODEL, "--random-weights", "--precision", args.precision]
-        argv += ["--parity-images", str(args.parity_images), "--out", str(args.out), "--force"]
-        code = cops_export(argv)
-        if code != 0:
-            raise SystemExit(f"cops-export failed with status {code}")
+        cfg = ExportCfg(
+            out=args.out,
+            model=MODEL,
+            random_weights=True,
+            precision=args.precision,
+            parity_images=args.parity_images,
+            force=True,
+        )
+        try:
+            export_bundle(cfg, PrintProgress())
+        except CopsError as exc:
+            raise SystemExit(f"export failed: {exc}") from exc
     export_s = None if args.reuse else time.perf_counter() - start
     bundle = open_bundle(args.out, verify=False)
     size = sum(e.size for e in bundle.manifest.files)

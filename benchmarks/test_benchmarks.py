@@ -84,31 +84,24 @@ def _plan(arch: str, quick: bool, repeats: int | None) -> dict[str, int]:
 
 
 def _export(arch: str, precision: str, out: Path) -> Path:
-    from cops_deploy.cli.export import main as cops_export
+    from cops_deploy.errors import CopsError
+    from cops_deploy.export.pipeline import ExportCfg, export_bundle
 
-    code = cops_export(
-        [
-            "--model",
-            arch,
-            "--random-weights",
-            "--seed",
-            "0",
-            "--engine",
-            "onnx",
-            "--precision",
-            precision,
-            "--max-batch",
-            "8",
-            "--parity-images",
-            "1",
-            "--out",
-            str(out),
-            "--force",
-        ]
+    cfg = ExportCfg(
+        out=out,
+        model=arch,
+        random_weights=True,
+        seed=0,
+        engine="onnx",
+        precision=precision,
+        max_batch=8,
+        parity_images=1,
+        force=True,
     )
-    if code != 0:
-        pytest.fail(f"cops-export of {arch} {precision} failed with status {code}")
-    return out
+    try:
+        return export_bundle(cfg).root
+    except CopsError as exc:
+        pytest.fail(f"export of {arch} {precision} failed: {exc}")
 
 
 @pytest.fixture(scope="session")

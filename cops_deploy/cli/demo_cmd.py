@@ -29,6 +29,9 @@ DEMO_OUTPUTS: tuple[str, ...] = ("data", "run", "eval_untrained", "eval_trained"
 SYNTH = {"size": 128, "n_train_good": 1, "n_test_good": 20, "n_test_bad": 20}
 
 
+NEEDS_BUILD = True  # runs PyTorch: cli.main refuses it with the install hint without [build]
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``demo`` command to the ``cops`` sub-parsers."""
     p = subparsers.add_parser(

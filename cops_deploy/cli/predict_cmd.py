@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-
 from cops_deploy.errors import CopsError
+from cops_deploy.extras import require_build
+from cops_deploy.runtime.backends import backend_names
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -28,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     src.add_argument(
         "--backend",
         default="auto",
-        choices=["auto", "tensorrt", "onnxruntime", "openvino", "torch"],
+        choices=["auto", *backend_names()],  # built-ins and installed plug-ins
         help="bundle backend (default: auto)",
     )
     src.add_argument(
@@ -54,11 +54,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def _torch_predictor(args: argparse.Namespace):
-    import torch
-
-    from cops_deploy.imaging.preprocess import preprocess
-    from cops_deploy.model.factory import create_model
+def _check_weights(args: argparse.Namespace) -> None:
+    """The weight arguments make a model that is not silently random."""
     from cops_deploy.model.weights import is_own_format
 
     own_full = args.weights and is_own_format(args.weights)
@@ -72,18 +69,6 @@ def _torch_predictor(args: argparse.Namespace):
             "--weights is a reference CoPS checkpoint, which holds no CLIP weights: pass "
             "--clip-weights (a file, or 'openai' to download)"
         )
-    model = create_model(args.model, clip_weights=args.clip_weights, cops_weights=args.weights)
-    model = model.to(args.device)
-    pre = model.cfg.preprocess
-
-    def predict_batch(rgbs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        x = np.stack([preprocess(rgb, pre.size, pre.mean, pre.std) for rgb in rgbs])
-        with torch.inference_mode():
-            out = model(torch.from_numpy(x).to(args.device))
-        return out.pred_score.float().cpu().numpy(), out.anomaly_map.float().cpu().numpy()
-
-    info = {"model": args.model, "weights": model.provenance, "backend": "torch"}
-    return predict_batch, info
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,11 +83,26 @@ def run(args: argparse.Namespace) -> int:
             f"--precision {args.precision} runs a bundle on --backend openvino; the PyTorch "
             f"path is fp32. Fix: export a bundle (cops-export) and pass --bundle."
         )
-    from cops_deploy.cli.predict_common import prepare_out_dir, run_predict
+    require_build("cops predict from PyTorch weights (without --bundle)")
+    from cops_deploy.cli.predict_common import finish
     from cops_deploy.imaging.decode import iter_image_files
+    from cops_deploy.model.factory import create_model
+    from cops_deploy.model.predict import model_batch
+    from cops_deploy.runtime.predict_files import prepare_out_dir, write_predictions
 
     files = iter_image_files(args.inputs)  # a missing path fails before the model loads
     prepare_out_dir(args.out, args.force)
-    predict_batch, info = _torch_predictor(args)
-    report = run_predict(files, predict_batch, args.out, args.batch_size, True, info)
-    return report.exit_status
+    _check_weights(args)
+    model = create_model(args.model, clip_weights=args.clip_weights, cops_weights=args.weights)
+    model = model.to(args.device)
+    info = {"model": args.model, "weights": model.provenance, "backend": "torch"}
+    report = write_predictions(
+        files,
+        model_batch(model),
+        args.out,
+        batch_size=args.batch_size,
+        force=True,  # checked above, before the model loaded
+        info=info,
+        progress=True,
+    )
+    return finish(report, args.out)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cops_deploy import create_model, save_model
-from cops_deploy.cli.export import main
+from cops_deploy.cli.export import build_parser, export_cfg, main
 from cops_deploy.export.onnx_export import onnxruntime_session, run_onnxruntime, synthetic_images
 from cops_deploy.runtime.bundle import EngineKey, open_bundle
 
@@ -204,6 +204,41 @@ def test_usage_errors_and_help():
 def test_bundle_mode_needs_engine_trt(smoke):
     code, _, err = run_cli("--bundle", str(smoke["bundle"]))
     assert code == 2 and "needs --engine trt" in err
+
+
+def test_bundle_mode_excludes_out(smoke, tmp_path):
+    code, _, err = run_cli(
+        "--engine", "trt", "--bundle", str(smoke["bundle"]), "--out", str(tmp_path / "b")
+    )
+    assert code == 2 and "--bundle and --out exclude each other" in err
+
+
+def test_every_flag_maps_onto_export_cfg(tmp_path):
+    args = build_parser().parse_args(
+        [
+            "--model", "cops-tiny", "--clip-weights", "clip.pt", "--weights", "cops.pth",
+            "--seed", "3", "--engine", "trt", "--precision", "fp16", "--max-batch", "4",
+            "--out", str(tmp_path / "b"), "--force", "--triton", "--triton-dir", "tri",
+            "--torch-weights", "--engine-cache", "cache", "--rebuild-engines",
+            "--parity-images", "5", "--no-ort-variant", "--opset", "18",
+            "--alpha", "0.5", "--beta", "0.7", "--kernel", "3",
+        ]
+    )  # fmt: skip
+    cfg = export_cfg(args)
+    assert (cfg.model, cfg.clip_weights, cfg.weights, cfg.seed) == (
+        "cops-tiny", "clip.pt", "cops.pth", 3
+    )  # fmt: skip
+    assert (cfg.engine, cfg.precision, cfg.max_batch, cfg.out) == ("trt", "fp16", 4, tmp_path / "b")
+    assert cfg.force and cfg.triton and cfg.torch_weights and cfg.rebuild_engines
+    assert (cfg.triton_dir, cfg.engine_cache) == (Path("tri"), Path("cache"))
+    assert (cfg.parity_images, cfg.ort_variant, cfg.opset, cfg.random_weights) == (
+        5, False, 18, False
+    )  # fmt: skip
+    assert dict(cfg.head_overrides) == {
+        "head.alpha": 0.5, "head.beta": 0.7, "head.neighbour_kernel": 3
+    }  # fmt: skip
+    defaults = export_cfg(build_parser().parse_args(["--out", "b", "--random-weights"]))
+    assert dict(defaults.head_overrides) == {} and defaults.ort_variant is True
 
 
 def test_add_engines_to_bundle_with_fake_builder(smoke, tmp_path, monkeypatch):

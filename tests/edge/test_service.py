@@ -32,7 +32,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-httpx = pytest.importorskip("httpx", reason="the service tests need httpx (pip install 'cops-deploy[dev]')")
+httpx = pytest.importorskip(
+    "httpx", reason="the service tests need httpx (pip install 'cops-deploy[dev]')"
+)
 uvicorn = pytest.importorskip("uvicorn", reason="the service needs uvicorn (its [serve] extra)")
 pytest.importorskip("fastapi", reason="the service needs fastapi (its [serve] extra)")
 pytest.importorskip("multipart", reason="the service needs python-multipart ([serve] extra)")

@@ -142,5 +142,7 @@ def test_invalid_model_config_is_refused(bundle: Bundle) -> None:
 
 def test_missing_torch_gives_install_command(bundle: Bundle, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
-    with pytest.raises(MissingDependencyError, match="needs PyTorch.*pip install 'cops-deploy\[build,cpu\]'"):
+    with pytest.raises(
+        MissingDependencyError, match="needs PyTorch.*pip install 'cops-deploy\[build,cpu\]'"
+    ):
         TorchBackend(bundle, "vision").activate()
