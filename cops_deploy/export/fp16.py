@@ -8,7 +8,7 @@ affine, parameters kept float32), every softmax and its mask, L2 norms and cosin
 neighbour averaging, SAGA, the head's reductions (mean over samples, max over patches), the
 upsample and the Gaussian. The graph inputs and outputs stay float32 (cast inside).
 
-:func:`export_fp16_onnx` exports such a copy; :func:`precision_report` lists, per ONNX op type,
+:func:`~cops_deploy.export.onnx_export.export_onnx` exports such a copy as any graph; :func:`precision_report` lists, per ONNX op type,
 the element types it computes in, to show the islands are where they should be.
 """
 
@@ -17,17 +17,14 @@ from __future__ import annotations
 import copy
 import os
 from collections import Counter
-from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from cops_deploy.errors import ConfigError
 from cops_deploy.export.graphs import DeployGraph
-from cops_deploy.export.onnx_export import DEFAULT_OPSET, export_onnx
 
-__all__ = ["ISLAND_OPS", "export_fp16_onnx", "precision_report", "to_fp16"]
+__all__ = ["ISLAND_OPS", "precision_report", "to_fp16"]
 
 # ONNX ops that must compute in float32 in an FP16 graph (checked by the tests).
 ISLAND_OPS: tuple[str, ...] = (
@@ -71,20 +68,6 @@ def to_fp16(graph: nn.Module, dtype: torch.dtype = torch.float16) -> nn.Module:
                 module._buffers[name] = buf.to(dtype)
     half.compute_dtype = dtype
     return half.eval()
-
-
-def export_fp16_onnx(
-    graph: nn.Module,
-    out_path: str | os.PathLike[str],
-    example: Sequence[torch.Tensor],
-    dynamic_batch: bool = True,
-    opset: int = DEFAULT_OPSET,
-    external_data: bool = True,
-    check: bool = True,
-) -> Path:
-    """Export the FP16 copy of a float32 deploy graph (same I/O names, float32 I/O)."""
-    half = to_fp16(graph)
-    return export_onnx(half, out_path, example, dynamic_batch, opset, external_data, check)
 
 
 def precision_report(onnx_path: str | os.PathLike[str]) -> dict[str, dict[str, int]]:

@@ -370,7 +370,7 @@ def _triton_writer() -> Any:
 
 def _stage_files(writer: Any, work: Path, keys: Mapping[str, Any], torch_weights: bool) -> None:
     """Hand the files exported into ``work`` to the bundle writer, with their roles."""
-    from cops_deploy.runtime.bundle import ort_variant_role
+    from cops_deploy.runtime.manifest import ort_variant_role
 
     writer.add_onnx(work / "vision.onnx", role="vision_onnx")
     writer.add_onnx(work / "head.onnx", role="head_onnx")
@@ -449,7 +449,7 @@ def _load_model(cfg: ExportCfg, stages: StageReporter) -> tuple[Any, Any]:
 
 
 def _provenance(model: Any, allow_random: bool) -> Any:
-    from cops_deploy.runtime.bundle import Provenance
+    from cops_deploy.runtime.manifest import Provenance
 
     prov = getattr(model, "provenance", {"clip": "random", "cops": "random"})
     random_parts = sorted(k for k, v in prov.items() if v == "random")
@@ -477,14 +477,15 @@ def _export_graphs(
 
     with stages.stage("building graphs"):
         vision, head = g.VisionGraph(model), g.HeadGraph(model)
-    export = export_onnx
-    if cfg.precision == "fp16":
-        from cops_deploy.export.fp16 import export_fp16_onnx as export
     paths = {"vision": work / "vision.onnx", "head": work / "head.onnx"}
     for name, graph in (("vision", vision), ("head", head)):
         with stages.stage(f"exporting {name}"), torch.no_grad():
+            if cfg.precision == "fp16":
+                from cops_deploy.export.fp16 import to_fp16
+
+                graph = to_fp16(graph)  # FP16 copy with FP32 islands, same float32 I/O
             example = g.example_inputs(name, model.cfg)
-            export(graph, paths[name], example, opset=cfg.opset, check=False)
+            export_onnx(graph, paths[name], example, opset=cfg.opset, check=False)
     variant = None
     if cfg.precision != "fp32" or not cfg.ort_variant:
         why = "--no-ort-variant" if not cfg.ort_variant else f"precision {cfg.precision}"
@@ -627,7 +628,8 @@ def add_engines(
     """
     from cops_deploy.export.bundle_writer import BundleWriter
     from cops_deploy.export.tensorrt import import_tensorrt, onnx_precision
-    from cops_deploy.runtime.bundle import ROLE_ENGINE, open_bundle
+    from cops_deploy.runtime.bundle import open_bundle
+    from cops_deploy.runtime.manifest import ROLE_ENGINE
 
     _integer(
         "max_batch",

@@ -4,7 +4,7 @@ TensorRT 10/11 builds strongly typed networks: every tensor's type comes from th
 so an FP16 engine is built from the FP16 ONNX graph (``cops_deploy.export.fp16``) and there is
 no precision flag. The optimisation profile covers batch 1 .. ``max_batch`` (optimum
 ``max(1, max_batch // 2)``). A timing cache file speeds up rebuilds; an engine cache keyed by
-:class:`~cops_deploy.runtime.bundle.EngineKey` (ONNX sha256, TensorRT version, GPU name,
+:class:`~cops_deploy.runtime.manifest.EngineKey` (ONNX sha256, TensorRT version, GPU name,
 compute capability, precision, profile) reuses an engine only where every field matches.
 
 ``tensorrt`` is imported inside functions only, through the run side's
@@ -37,7 +37,8 @@ from cops_deploy.runtime.backends.tensorrt import (
     import_tensorrt,
     tensorrt_machine_fields,
 )
-from cops_deploy.runtime.bundle import EngineKey, sha256_file
+from cops_deploy.runtime.bundle import sha256_file
+from cops_deploy.runtime.manifest import EngineKey
 
 # TRT_INSTALL, check_engine_key and import_tensorrt are the run side's, re-exported for callers
 # of this module.

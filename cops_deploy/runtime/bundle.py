@@ -21,60 +21,18 @@ import numpy as np
 
 from cops_deploy.errors import BundleError
 from cops_deploy.runtime.contract import IMAGE
-
-# Manifest names are re-exported here so callers that import them from the bundle module keep
-# working; they live in cops_deploy.runtime.manifest.
 from cops_deploy.runtime.manifest import (
-    DTYPES,
     FIX_REEXPORT,
-    INTERPOLATIONS,
     MANIFEST_NAME,
-    ORT_VARIANT_SUFFIX,
     REQUIRED_ROLES,
-    ROLE_ENGINE,
-    ROLE_HEAD_ONNX,
-    ROLE_TABLE,
-    ROLE_VISION_ONNX,
-    SCHEMA_VERSION,
     EngineKey,
     FileEntry,
-    GraphIO,
     Manifest,
-    PreprocessCfg,
-    Provenance,
-    TensorSpec,
     check_engine_key,
-    check_relative_path,
-    external_data_role,
     ort_variant_role,
 )
 
-__all__ = [
-    "DTYPES",
-    "HASH_CHUNK_BYTES",
-    "INTERPOLATIONS",
-    "MANIFEST_NAME",
-    "REQUIRED_ROLES",
-    "ORT_VARIANT_SUFFIX",
-    "ROLE_ENGINE",
-    "ROLE_HEAD_ONNX",
-    "ROLE_TABLE",
-    "ROLE_VISION_ONNX",
-    "SCHEMA_VERSION",
-    "Bundle",
-    "EngineKey",
-    "FileEntry",
-    "GraphIO",
-    "Manifest",
-    "PreprocessCfg",
-    "Provenance",
-    "TensorSpec",
-    "check_relative_path",
-    "external_data_role",
-    "ort_variant_role",
-    "open_bundle",
-    "sha256_file",
-]
+__all__ = ["HASH_CHUNK_BYTES", "Bundle", "open_bundle", "sha256_file"]
 
 HASH_CHUNK_BYTES = 1 << 20
 

@@ -41,8 +41,9 @@ from cops_deploy.runtime.backends import (
     check_graph_names,
     open_backends,
 )
-from cops_deploy.runtime.bundle import Bundle, Manifest, open_bundle
+from cops_deploy.runtime.bundle import Bundle, open_bundle
 from cops_deploy.runtime.contract import ANOMALY_MAP, GRAPHS, IMAGE, PRED_SCORE
+from cops_deploy.runtime.manifest import Manifest
 
 __all__ = ["DEFAULT_MAX_BATCH", "Detector", "Prediction"]
 

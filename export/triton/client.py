@@ -33,8 +33,8 @@ import numpy as np
 from cops_deploy.errors import BundleError, CopsError, MissingDependencyError
 from cops_deploy.imaging.decode import ImageSource, load_image
 from cops_deploy.imaging.preprocess import preprocess
-from cops_deploy.runtime.bundle import MANIFEST_NAME, Manifest
 from cops_deploy.runtime.contract import ANOMALY_MAP, IMAGE, PRED_SCORE
+from cops_deploy.runtime.manifest import MANIFEST_NAME, Manifest
 
 __all__ = [
     "DEFAULT_MODEL",

@@ -16,7 +16,8 @@ import torch
 from cops_deploy import create_model, save_model
 from cops_deploy.cli.export import build_parser, export_cfg, main
 from cops_deploy.export.onnx_export import onnxruntime_session, run_onnxruntime, synthetic_images
-from cops_deploy.runtime.bundle import EngineKey, open_bundle
+from cops_deploy.runtime.bundle import open_bundle
+from cops_deploy.runtime.manifest import EngineKey
 
 TOL = 1e-5
 

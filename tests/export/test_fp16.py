@@ -8,9 +8,9 @@ from torch import nn
 
 from cops_deploy import create_model
 from cops_deploy.errors import ConfigError
-from cops_deploy.export.fp16 import ISLAND_OPS, export_fp16_onnx, precision_report, to_fp16
+from cops_deploy.export.fp16 import ISLAND_OPS, precision_report, to_fp16
 from cops_deploy.export.graphs import HeadGraph, VisionGraph, example_inputs
-from cops_deploy.export.onnx_export import pipeline_parity, synthetic_images
+from cops_deploy.export.onnx_export import export_onnx, pipeline_parity, synthetic_images
 
 # Measured on cops-tiny (random weights, 4 synthetic images, ORT CPU): anomaly map ~5e-4,
 # score ~2e-4. The bounds leave room for other CPUs' fp16 kernels.
@@ -28,10 +28,12 @@ def exported(model, tmp_path_factory):
     out = tmp_path_factory.mktemp("fp16")
     cfg = model.cfg
     return {
-        "vision": export_fp16_onnx(
-            VisionGraph(model), out / "vision.onnx", example_inputs("vision", cfg)
+        "vision": export_onnx(
+            to_fp16(VisionGraph(model)), out / "vision.onnx", example_inputs("vision", cfg)
         ),
-        "head": export_fp16_onnx(HeadGraph(model), out / "head.onnx", example_inputs("head", cfg)),
+        "head": export_onnx(
+            to_fp16(HeadGraph(model)), out / "head.onnx", example_inputs("head", cfg)
+        ),
     }
 
 

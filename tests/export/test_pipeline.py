@@ -28,7 +28,8 @@ from cops_deploy.export.pipeline import (
     default_engine_cache,
     export_bundle,
 )
-from cops_deploy.runtime.bundle import Bundle, EngineKey, open_bundle, sha256_file
+from cops_deploy.runtime.bundle import Bundle, open_bundle, sha256_file
+from cops_deploy.runtime.manifest import EngineKey
 
 TOL = 1e-5
 

@@ -38,7 +38,8 @@ from cops_deploy.export.tensorrt import (
     profile_shapes,
     read_cached_key,
 )
-from cops_deploy.runtime.bundle import EngineKey, sha256_file
+from cops_deploy.runtime.bundle import sha256_file
+from cops_deploy.runtime.manifest import EngineKey
 
 MACHINE = {"tensorrt_version": "10.13.0", "gpu_name": "NVIDIA H200", "compute_capability": "9.0"}
 
@@ -389,14 +390,14 @@ def _require_tensorrt_gpu():
 def test_build_tiny_engines(precision, tmp_path):
     _require_tensorrt_gpu()
     from cops_deploy import create_model
-    from cops_deploy.export.fp16 import export_fp16_onnx
+    from cops_deploy.export.fp16 import to_fp16
     from cops_deploy.export.graphs import HeadGraph, VisionGraph, example_inputs
     from cops_deploy.export.onnx_export import export_onnx
 
     model = create_model("cops-tiny", seed=0)
-    export = export_fp16_onnx if precision == "fp16" else export_onnx
     for name, graph in (("vision", VisionGraph(model)), ("head", HeadGraph(model))):
-        onnx_path = export(graph, tmp_path / f"{name}.onnx", example_inputs(name, model.cfg))
+        graph = to_fp16(graph) if precision == "fp16" else graph
+        onnx_path = export_onnx(graph, tmp_path / f"{name}.onnx", example_inputs(name, model.cfg))
         path, key = build_engine_cached(onnx_path, tmp_path / "cache", name, precision, 4)
         assert path.stat().st_size > 0
         assert key.precision == precision and key.profile == "b1-2-4"

@@ -29,7 +29,8 @@ from cops_deploy.runtime.backends import (
     tensorrt_machine_fields,
 )
 from cops_deploy.runtime.backends import tensorrt as trt_runtime
-from cops_deploy.runtime.bundle import Bundle, EngineKey, TensorSpec, open_bundle
+from cops_deploy.runtime.bundle import Bundle, open_bundle
+from cops_deploy.runtime.manifest import EngineKey, TensorSpec
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 NO_TRT = "TensorRT is not installed here (needs an NVIDIA GPU and pip install 'cops-deploy[trt]')"
@@ -343,7 +344,8 @@ def _bundle_with_real_engines(tmp_path: Path, graphs: Path, write) -> Path:
     import tensorrt as trt
 
     from cops_deploy.export.bundle_writer import BundleWriter
-    from cops_deploy.runtime.bundle import EngineKey, sha256_file
+    from cops_deploy.runtime.bundle import sha256_file
+    from cops_deploy.runtime.manifest import EngineKey
 
     machine = tensorrt_machine_fields()
     logger = trt.Logger(trt.Logger.WARNING)

@@ -1,7 +1,7 @@
 """The backend contract: one bundle graph behind one runner interface, as Polygraphy's runners.
 
 A backend is context-managed (``with backend:`` activates and deactivates it), publishes
-``input_metadata`` (name -> :class:`~cops_deploy.runtime.bundle.TensorSpec`, from the bundle
+``input_metadata`` (name -> :class:`~cops_deploy.runtime.manifest.TensorSpec`, from the bundle
 manifest), and ``infer(feed)`` takes and returns ``{name: numpy array}``. The feed is checked
 once, here in the base class (names, dtype, rank, fixed dims, agreement of named dims such as
 the batch), so subclasses only run the graph; ``last_inference_time`` holds the seconds the
@@ -27,8 +27,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from cops_deploy.errors import BundleError, ConfigError, CopsError
-from cops_deploy.runtime.bundle import Bundle, GraphIO, TensorSpec
+from cops_deploy.runtime.bundle import Bundle
 from cops_deploy.runtime.contract import GRAPH_IO_NAMES
+from cops_deploy.runtime.manifest import GraphIO, TensorSpec
 
 __all__ = [
     "Backend",

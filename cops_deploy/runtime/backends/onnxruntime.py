@@ -23,7 +23,8 @@ from cops_deploy.runtime.backends.base import (
     check_threads,
     graph_io,
 )
-from cops_deploy.runtime.bundle import Bundle, GraphIO, ort_variant_role
+from cops_deploy.runtime.bundle import Bundle
+from cops_deploy.runtime.manifest import GraphIO, ort_variant_role
 
 __all__ = ["ORT_INSTALL", "ORT_VARIANTS", "OnnxRuntimeBackend", "default_ort_providers"]
 

@@ -24,8 +24,8 @@ import numpy as np
 from cops_deploy.errors import BundleError, ConfigError, CopsError, MissingDependencyError
 from cops_deploy.extras import install_command
 from cops_deploy.runtime.backends.base import Backend, activate_pair, check_io_names, graph_io
-from cops_deploy.runtime.bundle import Bundle, EngineKey
-from cops_deploy.runtime.manifest import check_engine_key
+from cops_deploy.runtime.bundle import Bundle
+from cops_deploy.runtime.manifest import EngineKey, check_engine_key
 
 __all__ = [
     "MIN_TRT_MAJOR",
