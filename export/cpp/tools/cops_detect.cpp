@@ -1,7 +1,7 @@
 // cops-detect: score images with a bundle from C++ and write the results as JSON.
 //
 //   cops-detect BUNDLE IMAGES... --json OUT [--backend auto|tensorrt|onnxruntime|openvino]
-//               [--threads N] [--batch-size N] [--maps DIR] [--no-verify]
+//               [--threads N] [--batch-size N] [--maps DIR] [--no-verify] [--warmup]
 //
 // IMAGES are files or folders (searched recursively for image suffixes, hidden entries skipped,
 // sorted), as `cops predict`. OUT gets the fields `cops predict` writes to scores.json (bundle,
@@ -9,8 +9,9 @@
 // failures[{source, error}]); visual is null (no picture is drawn), and each result also has
 // "anomalous" (the decision, null without a threshold) and, with --maps, "map": the file name
 // of its anomaly map in DIR (.npy, float32, S x S). "timing" gives seconds to open the bundle
-// and to predict. Exit status: 0, 1 when an image could not be read (the others are still
-// scored), 2 on a usage error or a refused bundle.
+// and to predict (decoding included; with --warmup, after one untimed batch). Exit status: 0,
+// 1 when an image could not be read (the others are still scored), 2 on a usage error or a
+// refused bundle.
 #include <CLI/CLI.hpp>
 
 #include <algorithm>
@@ -125,7 +126,7 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
 
 int run(const std::string& bundle_dir, const std::vector<std::string>& inputs,
         const std::string& json_out, const std::string& maps_dir, cops::DetectorOptions options,
-        int batch_size) {
+        int batch_size, bool warmup) {
   const std::vector<fs::path> files = expand_inputs(inputs);  // a missing input fails first
   if (!maps_dir.empty()) fs::create_directories(maps_dir);
   const auto t_open = std::chrono::steady_clock::now();
@@ -133,6 +134,12 @@ int run(const std::string& bundle_dir, const std::vector<std::string>& inputs,
   const double open_s = seconds_since(t_open);
   std::cerr << "cops-detect: " << detector.describe() << "\n";
   const int batch = batch_size > 0 ? batch_size : detector.max_batch();
+  if (warmup) {  // first inferences pay for memory allocation and kernel selection
+    cops::RgbImage grey;
+    grey.width = grey.height = detector.input_size();
+    grey.data.assign(static_cast<size_t>(grey.width) * grey.height * 3, 128);
+    detector.predict(std::vector<cops::RgbImage>(static_cast<size_t>(batch), grey), batch);
+  }
 
   json results = json::array(), failures = json::array();
   std::set<std::string> used;
@@ -216,6 +223,7 @@ int main(int argc, char** argv) {
   cops::DetectorOptions options;
   int batch_size = 0;
   bool no_verify = false;
+  bool warmup = false;
   app.add_option("bundle", bundle, "bundle folder written by cops-export")->required();
   app.add_option("images", inputs, "image files or folders")->required();
   app.add_option("--json", json_out, "where to write the results (JSON)")->required();
@@ -227,6 +235,7 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   app.add_option("--maps", maps_dir, "also write each anomaly map as DIR/<name>.npy");
   app.add_flag("--no-verify", no_verify, "skip the sha256 check of the bundle files");
+  app.add_flag("--warmup", warmup, "run one untimed batch before timing");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& exc) {
@@ -235,7 +244,7 @@ int main(int argc, char** argv) {
   }
   options.verify = !no_verify;
   try {
-    return run(bundle, inputs, json_out, maps_dir, options, batch_size);
+    return run(bundle, inputs, json_out, maps_dir, options, batch_size, warmup);
   } catch (const cops::Error& exc) {
     std::cerr << "cops-detect: error: " << exc.what() << "\n";
     return 2;
