@@ -2,6 +2,7 @@
 // the Pillow results in fixtures.hpp (make_fixtures.py).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -151,19 +152,29 @@ TEST(Decode, RefusesOtherFormatsNamingTheFix) {
 
 TEST(Decode, RefusesTruncatedJpegAndPng) {
   for (const auto* file : {&fixtures::kJpeg, &fixtures::kPngPalette}) {
-    std::vector<std::uint8_t> cut(file->begin(), file->begin() + file->size() * 2 / 3);
-    try {
-      decode(cut);
-      FAIL() << "a truncated file was accepted";
-    } catch (const cops::ImageError& exc) {
-      EXPECT_NE(std::string(exc.what()).find("truncated or corrupt"), std::string::npos);
+    // Cut inside the headers, and inside the image data (the end marker lost).
+    for (const size_t keep : {file->size() * 2 / 3, file->size() - 10}) {
+      std::vector<std::uint8_t> cut(file->begin(), file->begin() + keep);
+      try {
+        decode(cut);
+        ADD_FAILURE() << "a file cut to " << keep << " bytes was accepted";
+      } catch (const cops::ImageError& exc) {
+        EXPECT_NE(std::string(exc.what()).find("truncated or corrupt"), std::string::npos);
+      }
     }
   }
 }
 
-TEST(Decode, RefusesAPngWithABadChecksum) {
+TEST(Decode, RefusesAPngWithABadChecksumEvenOfAnAncillaryChunk) {
   std::vector<std::uint8_t> bad = fixtures::kPngGrey16;
   bad[bad.size() - 20] ^= 0xFF;  // inside the IDAT data or its CRC
+  EXPECT_THROW(decode(bad), cops::ImageError);
+  // The eXIf chunk's CRC (Pillow's verify() refuses any bad chunk checksum).
+  bad = fixtures::kOrientPng6;
+  const std::string tag = "eXIf";
+  const auto at = std::search(bad.begin(), bad.end(), tag.begin(), tag.end()) - bad.begin();
+  const size_t length = (bad[at - 4] << 24) | (bad[at - 3] << 16) | (bad[at - 2] << 8) | bad[at - 1];
+  bad[at + 4 + length] ^= 0xFF;
   EXPECT_THROW(decode(bad), cops::ImageError);
 }
 
