@@ -2,8 +2,6 @@
 #include "cops/detector.hpp"
 
 #include <algorithm>
-#include <cstring>
-#include <sstream>
 
 #include "backend.hpp"
 

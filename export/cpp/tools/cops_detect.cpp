@@ -40,6 +40,16 @@ std::string lower(std::string s) {
   return s;
 }
 
+// A path as Python's str(Path(p)) writes it ("./a//b/" -> "a/b"), so sources match `cops predict`.
+std::string as_python(const fs::path& path) {
+  for (const auto& part : path) {
+    if (part == "..") return path.string();  // Python keeps '..'; lexically_normal would not
+  }
+  std::string text = path.lexically_normal().string();
+  while (text.size() > 1 && text.back() == '/') text.pop_back();
+  return text.empty() ? "." : text;
+}
+
 bool hidden_below(const fs::path& rel) {
   for (const auto& part : rel) {
     const std::string name = part.string();
@@ -154,7 +164,7 @@ int run(const std::string& bundle_dir, const std::vector<std::string>& inputs,
     predict_s += seconds_since(t);
     for (size_t i = 0; i < preds.size(); ++i) {
       const auto& p = preds[i];
-      json record = {{"source", pending[i].first.string()},
+      json record = {{"source", as_python(pending[i].first)},
                      {"score", static_cast<double>(p.score)},
                      {"visual", nullptr},
                      {"height", p.original_height},
@@ -176,7 +186,7 @@ int run(const std::string& bundle_dir, const std::vector<std::string>& inputs,
       pending.emplace_back(path, cops::load_image(path));
       predict_s += seconds_since(t);  // decoding counts as prediction time, as in Python
     } catch (const cops::ImageError& exc) {
-      failures.push_back({{"source", path.string()}, {"error", exc.what()}});
+      failures.push_back({{"source", as_python(path)}, {"error", exc.what()}});
       std::cerr << "skipped " << path.string() << ": " << exc.what() << "\n";
       continue;
     }
@@ -186,7 +196,7 @@ int run(const std::string& bundle_dir, const std::vector<std::string>& inputs,
   const double total_s = seconds_since(t_all);
   const auto scored = results.size();
   json payload = {
-      {"bundle", bundle_dir},
+      {"bundle", as_python(bundle_dir)},
       {"backend", detector.backend_name()},
       {"provider", detector.provider()},
       {"precision", "fp32"},
