@@ -53,18 +53,18 @@ def main() -> None:
     small = rng.integers(0, 256, (2, 3, 3), dtype=np.uint8)  # 3 wide, 2 high
     parts.append(_bytes("kOrientSource", small))
     tmp = OUT.with_name("_fixture.tmp")
-    for o in range(2, 9):
-        exif = Image.Exif()
-        exif[0x0112] = o
-        png = _encoded(Image.fromarray(small), "PNG", exif=exif.tobytes())  # an eXIf chunk
-        out = _decoded(png, tmp)
-        parts.append(f"inline const int kOrient{o}Width = {out.shape[1]};\n")
-        parts.append(_bytes(f"kOrientPng{o}", png))
-        parts.append(_bytes(f"kOrient{o}", out))
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    parts.append(_bytes("kExif6", exif.tobytes()))  # "Exif\0\0" + big-endian TIFF
     try:
+        for o in range(2, 9):
+            exif = Image.Exif()
+            exif[0x0112] = o
+            png = _encoded(Image.fromarray(small), "PNG", exif=exif.tobytes())  # an eXIf chunk
+            out = _decoded(png, tmp)
+            parts.append(f"inline const int kOrient{o}Width = {out.shape[1]};\n")
+            parts.append(_bytes(f"kOrientPng{o}", png))
+            parts.append(_bytes(f"kOrient{o}", out))
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        parts.append(_bytes("kExif6", exif.tobytes()))  # "Exif\0\0" + big-endian TIFF
         photo = rng.integers(0, 256, (6, 10, 3), dtype=np.uint8)
         jpeg = _encoded(Image.fromarray(photo), "JPEG", quality=90)
         parts.append(_bytes("kJpeg", jpeg))
