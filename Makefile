@@ -18,8 +18,26 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(BIN)/cops demo --out demo_out
 
-test: venv
+test: venv cpp-deps
 	$(BIN)/python -m pytest -q tests benchmarks --bench-quick
+
+# What export/cpp builds with (Debian packages); tests/edge/test_cpp.py builds it. Installs only
+# the missing ones; elsewhere than Debian it names them and leaves the install to you.
+CPP_DEPS := cmake g++ ninja-build pkg-config nlohmann-json3-dev libjpeg62-turbo-dev libpng-dev \
+	libssl-dev libexif-dev libcli11-dev libgtest-dev
+.PHONY: cpp-deps
+cpp-deps:
+	@missing=$$(for p in $(CPP_DEPS); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -z "$$missing" ]; then echo "cpp-deps: all installed"; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+		echo "cpp-deps: no apt-get here; install the equivalents of:" $$missing; \
+	else \
+		sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+		echo "cpp-deps: installing" $$missing; \
+		$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			$$sudo apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
 
 bench: venv
 	$(BIN)/python -m pytest -q benchmarks
