@@ -44,7 +44,7 @@ bench: venv
 
 # ruff, then the import contracts in .importlinter (imports point down; torch-free run side).
 lint: venv
-	$(BIN)/ruff check cops_deploy tests benchmarks
+	$(BIN)/ruff check cops_deploy tests benchmarks export
 	$(BIN)/lint-imports --no-cache
 
 clean:

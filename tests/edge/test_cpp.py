@@ -13,8 +13,8 @@ with ``OpenVINO_DIR`` taken from the ``openvino`` package of this Python. Then:
   score difference <= 1e-5, anomaly map difference <= 1e-4;
 - the ``slow`` test does the same on a full-size bundle and prints the time per image.
 
-The C++ library reads manifest schema 2; until the exporter writes it, the bundle is converted
-(schema 1's ``head`` section dropped). Skips only where cmake or a C++ compiler is missing.
+Bundles come from the library exporter (``cops_deploy.export.pipeline.export_bundle``), the same
+bundle for both sides. Skips only where cmake or a C++ compiler is missing.
 """
 
 from __future__ import annotations
@@ -24,9 +24,7 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -97,38 +95,18 @@ def cpp_build() -> Path:
     return build
 
 
-def as_schema_2(src: Path, dst: Path) -> Path:
-    """``dst``: the bundle ``src`` with a schema-2 manifest (files hard-linked, else copied)."""
-    shutil.rmtree(dst, ignore_errors=True)
-    dst.mkdir(parents=True)
-    for f in src.iterdir():
-        if f.name == "manifest.json":
-            continue
-        try:
-            os.link(f, dst / f.name)
-        except OSError:
-            shutil.copy2(f, dst / f.name)
-    manifest = json.loads((src / "manifest.json").read_text())
-    if manifest["schema_version"] == 1:
-        manifest.pop("head", None)
-        manifest["schema_version"] = 2
-    (dst / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    return dst
+def _export(model: str, out: Path) -> Path:
+    """A random-weight bundle of ``model`` written by the library exporter."""
+    from cops_deploy.export.pipeline import ExportCfg, export_bundle
 
-
-def _export(model: str, out: Path) -> None:
-    cmd = [sys.executable, "-m", "cops_deploy.cli.export", "--model", model, "--random-weights"]
-    proc = _run([*cmd, "--out", str(out), "--force"], timeout=3600)
-    if proc.returncode != 0:
-        pytest.fail(f"cops-export --model {model} failed:\n{_tail(proc)}")
+    cfg = ExportCfg(out=out, model=model, random_weights=True, force=True)
+    return export_bundle(cfg).root
 
 
 @pytest.fixture(scope="session")
-def tiny_bundles(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(the cops-tiny bundle as the exporter writes it, its schema-2 copy for C++)."""
-    root = tmp_path_factory.mktemp("cpp_bundles")
-    _export("cops-tiny", root / "python")
-    return root / "python", as_schema_2(root / "python", root / "cpp")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The cops-tiny bundle as the exporter writes it (read by both Python and C++)."""
+    return _export("cops-tiny", tmp_path_factory.mktemp("cpp_bundles") / "tiny")
 
 
 def _exif(orientation: int) -> bytes:
@@ -181,8 +159,8 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 # The C++ unit tests
 
 
-def test_ctest_passes_with_the_bundle_tests_run(cpp_build: Path, tiny_bundles) -> None:
-    env = {**os.environ, "COPS_TEST_BUNDLE": str(tiny_bundles[1])}
+def test_ctest_passes_with_the_bundle_tests_run(cpp_build: Path, tiny_bundle) -> None:
+    env = {**os.environ, "COPS_TEST_BUNDLE": str(tiny_bundle)}
     proc = _run(["ctest", "--output-on-failure", "-j", "2"], cwd=cpp_build, env=env)
     assert proc.returncode == 0, _tail(proc, 80)
     assert "100% tests passed" in proc.stdout, _tail(proc)
@@ -231,9 +209,9 @@ def test_resize_equals_pillow_bicubic_on_many_sizes(cpp_build: Path, tmp_path: P
 
 
 def test_input_tensor_equals_python_within_one_grey_level(
-    cpp_build: Path, images: list[Path], tiny_bundles, tmp_path: Path
+    cpp_build: Path, images: list[Path], tiny_bundle, tmp_path: Path
 ) -> None:
-    pre = open_bundle(tiny_bundles[0], verify=False).manifest.preprocess
+    pre = open_bundle(tiny_bundle, verify=False).manifest.preprocess
     std = np.asarray(pre.std, np.float32)
     args = [str(pre.size), *map(repr, pre.mean), *map(repr, pre.std)]
     worst = 0.0
@@ -273,9 +251,9 @@ def _compare(report: dict, maps: Path, preds: list) -> tuple[float, float]:
 
 
 def test_cops_detect_matches_cops_predict_and_the_python_detector(
-    cpp_build: Path, tiny_bundles, images: list[Path], tmp_path: Path
+    cpp_build: Path, tiny_bundle, images: list[Path], tmp_path: Path
 ) -> None:
-    python_bundle, cpp_bundle = tiny_bundles
+    python_bundle = cpp_bundle = tiny_bundle
     broken = tmp_path / "broken.png"
     broken.write_bytes(images[-1].read_bytes()[:60])  # truncated: both sides must refuse it
     inputs = [*images, broken]
@@ -307,9 +285,9 @@ def test_cops_detect_matches_cops_predict_and_the_python_detector(
 
 
 def test_cops_detect_refuses_a_tampered_or_schema_1_bundle(
-    cpp_build: Path, tiny_bundles, images: list[Path], tmp_path: Path
+    cpp_build: Path, tiny_bundle, images: list[Path], tmp_path: Path
 ) -> None:
-    python_bundle, cpp_bundle = tiny_bundles
+    cpp_bundle = tiny_bundle
     tampered = tmp_path / "tampered"
     shutil.copytree(cpp_bundle, tampered)
     data = bytearray((tampered / "head.onnx.data").read_bytes())
@@ -318,18 +296,22 @@ def test_cops_detect_refuses_a_tampered_or_schema_1_bundle(
     proc = _detect(cpp_build, tampered, images[:1], tmp_path)
     assert proc.returncode == 2
     assert "'head.onnx.data' has sha256" in proc.stderr and "Fix:" in proc.stderr, proc.stderr
-    if json.loads((python_bundle / "manifest.json").read_text())["schema_version"] == 1:
-        proc = _detect(cpp_build, python_bundle, images[:1], tmp_path)
-        assert proc.returncode == 2
-        assert "schema_version 1" in proc.stderr and "schema_version 2" in proc.stderr
+    old = tmp_path / "schema1"
+    shutil.copytree(cpp_bundle, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["schema_version"] = 1
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    proc = _detect(cpp_build, old, images[:1], tmp_path)
+    assert proc.returncode == 2
+    assert "schema_version 1" in proc.stderr and "schema_version 2" in proc.stderr
 
 
-def test_cops_detect_usage_errors_exit_2(cpp_build: Path, tiny_bundles, tmp_path: Path) -> None:
+def test_cops_detect_usage_errors_exit_2(cpp_build: Path, tiny_bundle, tmp_path: Path) -> None:
     detect = str(cpp_build / "cops-detect")
-    proc = _run([detect, str(tiny_bundles[1]), str(tmp_path)])  # no --json
+    proc = _run([detect, str(tiny_bundle), str(tmp_path)])  # no --json
     assert proc.returncode == 2 and "--json" in proc.stderr
     missing = tmp_path / "missing.jpg"
-    proc = _run([detect, str(tiny_bundles[1]), str(missing), "--json", str(tmp_path / "o.json")])
+    proc = _run([detect, str(tiny_bundle), str(missing), "--json", str(tmp_path / "o.json")])
     assert proc.returncode == 2 and str(missing) in proc.stderr
 
 
@@ -338,9 +320,7 @@ def test_cops_detect_usage_errors_exit_2(cpp_build: Path, tiny_bundles, tmp_path
 
 
 @pytest.fixture(scope="module")
-def full_bundles(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[Path, Path]]:
+def full_bundle(request: pytest.FixtureRequest) -> Path:
     """A random-weight full-size bundle (cached: the export takes minutes and ~1.5 GB)."""
     expr = request.config.getoption("markexpr") or ""
     if "slow" not in expr or "not slow" in expr:
@@ -351,16 +331,14 @@ def full_bundles(
     except BundleError:  # absent, interrupted, or from an older exporter: export it again
         cached.parent.mkdir(parents=True, exist_ok=True)
         _export(FULL_MODEL, cached)
-    cpp = as_schema_2(cached, tmp_path_factory.mktemp("full") / "cpp")
-    yield cached, cpp
-    shutil.rmtree(cpp, ignore_errors=True)
+    return cached
 
 
 @pytest.mark.slow
 def test_full_size_bundle_matches_python_and_times_it(
-    cpp_build: Path, full_bundles, images: list[Path], tmp_path: Path
+    cpp_build: Path, full_bundle: Path, images: list[Path], tmp_path: Path
 ) -> None:
-    python_bundle, cpp_bundle = full_bundles
+    python_bundle = cpp_bundle = full_bundle
     subset = images[:10]
     proc = _detect(cpp_build, cpp_bundle, subset, tmp_path, "--warmup")
     assert proc.returncode == 0, _tail(proc)
