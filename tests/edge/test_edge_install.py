@@ -42,9 +42,17 @@ def _tree_bytes(path: Path) -> int:
 def edge_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh virtual environment with the wheel installed as ``cops-deploy[cpu]``."""
     work = tmp_path_factory.mktemp("edge_install")
+    # Built from a copy of what the sdist holds, so setuptools' build/ folder lands there, not
+    # in the checkout.
+    source = work / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(ROOT / "cops_deploy", source / "cops_deploy", ignore=ignore)
     wheels = work / "wheels"
     built = _run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(wheels), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(wheels), str(source)],
         timeout=TIMEOUT,
     )
     assert built.returncode == 0, built.stdout + built.stderr
