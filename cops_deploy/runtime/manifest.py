@@ -26,13 +26,14 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path, PurePosixPath
-from typing import Any
-
-from jsonschema import Draft202012Validator, validators
-from jsonschema.exceptions import ValidationError, best_match, by_relevance
+from typing import TYPE_CHECKING, Any
 
 from cops_deploy.configs import PreprocessCfg, config_from_dict
-from cops_deploy.errors import BundleError, ConfigError
+from cops_deploy.errors import BundleError, ConfigError, MissingDependencyError
+from cops_deploy.extras import install_command
+
+if TYPE_CHECKING:
+    from jsonschema.exceptions import ValidationError
 
 __all__ = [
     "DTYPES",
@@ -124,7 +125,7 @@ def check_relative_path(path: object, what: str = "file path") -> PurePosixPath:
 
 def _is_number(checker: Any, instance: Any) -> bool:
     """JSON numbers are finite: Python's json reads NaN and Infinity, the manifest refuses them."""
-    base = Draft202012Validator.TYPE_CHECKER.is_type(instance, "number")
+    base = isinstance(instance, int | float) and not isinstance(instance, bool)
     return base and not (isinstance(instance, float) and not math.isfinite(instance))
 
 
@@ -134,15 +135,30 @@ def _is_integer(checker: Any, instance: Any) -> bool:
     return isinstance(instance, int) and not isinstance(instance, bool)
 
 
-_Validator = validators.extend(
-    Draft202012Validator,
-    type_checker=Draft202012Validator.TYPE_CHECKER.redefine_many(
-        {"number": _is_number, "integer": _is_integer}
-    ),
-)
-# Of several errors, report the shallowest (what is wrong "more"), a type error before a value
-# error at the same key, and the provenance rule ('not') last.
-_RELEVANCE = by_relevance(weak=frozenset({"anyOf", "oneOf", "not"}), strong=frozenset({"type"}))
+@functools.cache
+def _jsonschema() -> tuple[Any, Any, Any]:
+    """(validator class, relevance key, best_match), imported on first use: only parsing a
+    manifest needs jsonschema, not the contract's TensorSpec (the GPU check runs without it)."""
+    try:
+        from jsonschema import Draft202012Validator, validators
+        from jsonschema.exceptions import best_match, by_relevance
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"reading a bundle manifest needs the 'jsonschema' package, a dependency of "
+            f"cops-deploy that is missing here ({exc}). Fix: {install_command('cpu')}"
+        ) from exc
+    validator = validators.extend(
+        Draft202012Validator,
+        type_checker=Draft202012Validator.TYPE_CHECKER.redefine_many(
+            {"number": _is_number, "integer": _is_integer}
+        ),
+    )
+    # Of several errors, report the shallowest (what is wrong "more"), a type error before a
+    # value error at the same key, and the provenance rule ('not') last.
+    relevance = by_relevance(weak=frozenset({"anyOf", "oneOf", "not"}), strong=frozenset({"type"}))
+    return validator, relevance, best_match
+
+
 _TYPE_WORDS = {
     "integer": "an integer",
     "number": "a finite number",
@@ -157,9 +173,10 @@ _TYPE_WORDS = {
 @functools.cache
 def _validator(part: str | None) -> Any:
     """Validator for the whole manifest (``part`` None) or one of the schema's ``$defs``."""
+    validator = _jsonschema()[0]
     if part is None:
-        return _Validator(_SCHEMA)
-    return _Validator(
+        return validator(_SCHEMA)
+    return validator(
         {"$schema": _SCHEMA["$schema"], "$defs": _SCHEMA["$defs"], "$ref": f"#/$defs/{part}"}
     )
 
@@ -268,7 +285,8 @@ def _validate(data: Any, part: str | None = None, where: str = "") -> None:
     """Validate ``data`` against the schema (or its ``$defs/part``); BundleError on the first
     (most relevant) error."""
     _check_nesting(data, where)
-    error = best_match(_validator(part).iter_errors(data), key=_RELEVANCE)
+    _, relevance, best_match = _jsonschema()
+    error = best_match(_validator(part).iter_errors(data), key=relevance)
     if error is not None:
         raise _schema_error(error, where)
 

@@ -671,3 +671,18 @@ def test_engine_key_from_dict_names_the_key() -> None:
         EngineKey.from_dict({**engine_key_dict(), "gpu_name": 3}, "cache/v.engine.json")
     with pytest.raises(BundleError, match=r"'engines' is \[\]; valid: a JSON object"):
         EngineKey.from_dict([])
+
+
+def test_graph_contract_does_not_need_jsonschema() -> None:
+    """benchmarks/gpu_check.py runs on a machine with PyTorch only: the deploy graphs import the
+    tensor contract (TensorSpec), which must not pull in jsonschema; parsing a manifest does."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import cops_deploy.runtime.contract, cops_deploy.runtime.manifest\n"
+        "assert 'jsonschema' not in sys.modules, 'jsonschema imported'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
