@@ -199,10 +199,14 @@ def train_step(
     use_recon: bool,
     generator: torch.Generator | None,
     device: str | torch.device = "cpu",
+    noise: torch.Tensor | None = None,
 ) -> LossTerms:
-    """One optimisation step on a collated batch; returns the loss terms (before the step)."""
+    """One optimisation step on a collated batch; returns the loss terms (before the step).
+
+    ``noise`` replaces the ICTS draw from ``generator`` (to replay a recorded step).
+    """
     images = batch.image.to(device)
-    out = training_forward(model, images, kernel, generator)
+    out = training_forward(model, images, kernel, generator, noise)
     terms = cops_loss(
         out, batch.mask.to(device), batch.label.to(device), model.cfg.vision.patch_size, use_recon
     )
@@ -266,6 +270,12 @@ def _resume(
 
 def _progress_text(sums: dict[str, float], count: int) -> dict[str, str]:
     return {k: f"{sums[k] / count:.4f}" for k in PROGRESS_TERMS}
+
+
+def make_optimizer(model: CopsModel, cfg: TrainCfg) -> torch.optim.Adam:
+    """The reference's optimizer (train.py:53): Adam over every learned CoPS parameter (CLIP
+    frozen), lr and betas from ``cfg`` (1e-3, (0.5, 0.999)), eps 1e-8, no weight decay."""
+    return torch.optim.Adam(model.prompt.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
 
 
 def build_model(cfg: TrainCfg) -> CopsModel:
@@ -357,7 +367,7 @@ def _start(cfg: TrainCfg) -> tuple[_Session, dict[str, Any], MetaDataset]:
         _check_resume_config(saved, run_config, run)
     _write_json(run / CONFIG_FILE, run_config)
     model.prompt.train()
-    optimizer = torch.optim.Adam(model.prompt.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+    optimizer = make_optimizer(model, cfg)
     gens = _Generators(cfg.seed)
     start_epoch, step = _resume(run, model, optimizer, gens) if cfg.resume else (0, 0)
     loader = DataLoader(
