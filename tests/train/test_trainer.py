@@ -110,6 +110,41 @@ def test_a_non_finite_loss_stops_training(synth_root):
         train_step(model, opt, batch, 5, True, None)
 
 
+def _all_anomalous_batch(synth_root, model):
+    """A batch whose every patch is anomalous (no normal patch: the gather set is empty)."""
+    batch = next(iter(DataLoader(MetaDataset(synth_root, model.cfg.preprocess), batch_size=2)))
+    return batch._replace(mask=torch.ones_like(batch.mask), label=torch.ones_like(batch.label))
+
+
+def test_a_batch_without_normal_patches_gives_the_references_nan_gather(synth_root):
+    from cops_deploy import create_model
+
+    model = create_model("cops-tiny", seed=0)
+    batch = _all_anomalous_batch(synth_root, model)
+    opt = torch.optim.Adam(model.prompt.parameters())
+    before = model.prompt.t_n.detach().clone()
+    terms = train_step(model, opt, batch, 5, True, torch.Generator().manual_seed(0))
+    assert torch.isnan(terms.gather) and torch.isnan(terms.total)
+    assert torch.isfinite(terms.scatter) and torch.isfinite(terms.image)
+    t_n = model.prompt.t_n
+    assert t_n.grad is not None and torch.equal(t_n.grad, torch.zeros_like(t_n))
+    assert opt.state[t_n]["step"] == 1  # the zero gradient advances its Adam state
+    assert torch.equal(t_n.detach(), before)  # Adam's first step on a zero gradient: no move
+    assert all(torch.isfinite(p).all() for p in model.prompt.parameters())
+
+
+def test_a_batch_without_normal_patches_gives_zero_gather_when_asked(synth_root):
+    from cops_deploy import create_model
+
+    model = create_model("cops-tiny", seed=0)
+    batch = _all_anomalous_batch(synth_root, model)
+    opt = torch.optim.Adam(model.prompt.parameters())
+    gen = torch.Generator().manual_seed(0)
+    terms = train_step(model, opt, batch, 5, True, gen, empty_gather="zero")
+    assert float(terms.gather) == 0.0 and torch.isfinite(terms.total)
+    assert model.prompt.t_n.grad is None and model.prompt.t_n not in opt.state
+
+
 # ------------------------------------------------------------------------------- runs
 
 
@@ -309,6 +344,7 @@ def test_a_finished_run_resumed_is_left_as_it_is(synth_root, straight_run):
         ({"epochs": 0}, "--epochs must be >= 1"),
         ({"batch_size": 0}, "--batch-size must be >= 1"),
         ({"lr": 0.0}, "--lr must be > 0"),
+        ({"empty_gather": "nan"}, "empty_gather must be one of reference, zero"),
     ],
 )
 def test_refuses_bad_settings(synth_root, tmp_path, kw, match):
