@@ -50,6 +50,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument(
+        "--neighbour-kernel",
+        type=int,
+        default=None,
+        help="training neighbour kernel (default: the reference's rule, 3 on MVTec-AD, else 5)",
+    )
+    p.add_argument(
+        "--recon",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="reconstruction loss on or off (default: the reference's rule, off on VisA)",
+    )
+    p.add_argument(
         "--empty-gather",
         choices=("reference", "zero"),
         default="reference",
@@ -71,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         num_workers=args.workers,
         empty_gather=args.empty_gather,
+        neighbour_kernel=args.neighbour_kernel,
+        recon_loss=args.recon,
     )
     if cfg.random_clip:
         print("note: CLIP is randomly initialised (--random-clip): a smoke run, not a CoPS model")

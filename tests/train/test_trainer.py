@@ -167,6 +167,7 @@ def test_run_folder_contents(straight_run):
     assert {"total", "image", "patch", "gather", "scatter", "kl", "recon"} <= set(epochs[0])
     config = json.loads((out / "train_config.json").read_text())
     assert config["neighbour_kernel"] == 5 and config["recon_loss"] is True
+    assert config["empty_gather"] == "reference"
     assert config["classes"] == ["stripes", "disc"] and config["clip"] == "random"
     saved = json.loads((out / "model" / "config.json").read_text())
     assert saved["includes_clip"] is False
@@ -328,6 +329,23 @@ def test_refuses_resume_with_other_settings(synth_root, straight_run):
         train(_cfg(synth_root, straight_run[0], batch_size=4, resume=True))
 
 
+def test_kernel_and_recon_override_the_dataset_rule(synth_root, tmp_path, monkeypatch):
+    used = []
+    real = trainer_module.train_step
+
+    def spy(model, opt, batch, kernel, use_recon, *args, **kwargs):
+        used.append((kernel, use_recon))
+        return real(model, opt, batch, kernel, use_recon, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "train_step", spy)
+    out = tmp_path / "r"
+    train(_cfg(synth_root, out, epochs=1, neighbour_kernel=3, recon_loss=False))
+    config = json.loads((out / "train_config.json").read_text())
+    assert config["neighbour_kernel"] == 3 and config["recon_loss"] is False
+    assert used and set(used) == {(3, False)}
+    assert all(r["recon"] == 0.0 for r in read_loss_log(out / "losses.jsonl", "step"))
+
+
 def test_a_finished_run_resumed_is_left_as_it_is(synth_root, straight_run):
     before = _tensors(straight_run[0] / "model")
     result = train(_cfg(synth_root, straight_run[0], resume=True))
@@ -345,6 +363,7 @@ def test_a_finished_run_resumed_is_left_as_it_is(synth_root, straight_run):
         ({"batch_size": 0}, "--batch-size must be >= 1"),
         ({"lr": 0.0}, "--lr must be > 0"),
         ({"empty_gather": "nan"}, "empty_gather must be one of reference, zero"),
+        ({"neighbour_kernel": 4}, "--neighbour-kernel must be a positive odd int, got 4"),
     ],
 )
 def test_refuses_bad_settings(synth_root, tmp_path, kw, match):
