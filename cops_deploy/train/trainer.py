@@ -80,6 +80,9 @@ class TrainCfg:
     progress: bool = True
     # gather on a batch without normal patches: "reference" (NaN, as the reference) or "zero"
     empty_gather: str = "reference"
+    # None: the reference's rule from the dataset name (policy.training_kernel / uses_recon)
+    neighbour_kernel: int | None = None
+    recon_loss: bool | None = None
 
 
 @dataclass
@@ -117,6 +120,12 @@ def _check_cfg(cfg: TrainCfg) -> None:
         if not ok:
             raise ConfigError(f"invalid training setting: {message}")
     check_empty_gather(cfg.empty_gather)
+    k = cfg.neighbour_kernel
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 != 1):
+        raise ConfigError(
+            f"invalid training setting: --neighbour-kernel must be a positive odd int, got {k!r}. "
+            "Fix: pass 3 or 5, or leave it out for the reference's rule (3 on MVTec-AD, else 5)."
+        )
     if cfg.clip_weights is None and not cfg.random_clip:
         raise ConfigError(
             "no CLIP weights given: CoPS trains on top of a frozen CLIP. Fix: pass "
@@ -163,8 +172,10 @@ def _run_config(cfg: TrainCfg, model: CopsModel, data: MetaDataset) -> dict[str,
         "lr": cfg.lr,
         "betas": list(cfg.betas),
         "seed": cfg.seed,
-        "neighbour_kernel": training_kernel(cfg.dataset),
-        "recon_loss": uses_recon(cfg.dataset),
+        "neighbour_kernel": (
+            training_kernel(cfg.dataset) if cfg.neighbour_kernel is None else cfg.neighbour_kernel
+        ),
+        "recon_loss": uses_recon(cfg.dataset) if cfg.recon_loss is None else cfg.recon_loss,
         "empty_gather": cfg.empty_gather,
         "device": cfg.device,
         "num_workers": cfg.num_workers,
