@@ -200,15 +200,24 @@ class CopsModel(nn.Module):
         return torch.stack(channels, dim=1)  # (B, 2, R, L, W)
 
     def text_features(
-        self, proto_n: torch.Tensor, proto_a: torch.Tensor, bias: torch.Tensor
+        self,
+        proto_n: torch.Tensor,
+        proto_a: torch.Tensor,
+        bias: torch.Tensor,
+        per_prompt_deep_tokens: bool = False,
     ) -> torch.Tensor:
-        """T (B, 2, E): per-sample features normalised, averaged over R, normalised again."""
+        """T (B, 2, E): per-sample features normalised, averaged over R, normalised again.
+
+        ``per_prompt_deep_tokens`` (training) gives the deep tokens the reference's gradient
+        (see :meth:`deep_tokens`); the values, and the inference and export graphs, are the
+        same either way.
+        """
         prompts = self.build_prompts(proto_n, proto_a, bias)  # (B, 2, R, L, W)
         b, two, r, length, w = prompts.shape
         feats = self.clip.text(
             prompts.reshape(b * two * r, length, w),
             self.cfg.prompt.eot_index,
-            self.deep_tokens(b * two * r),
+            self.deep_tokens(b * two * r if per_prompt_deep_tokens else None),
         )
         feats = normalize(feats.reshape(b, two, r, -1))  # (B, 2, R, E)
         return normalize(feats.mean(dim=2))

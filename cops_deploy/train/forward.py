@@ -91,7 +91,9 @@ def training_forward(
     d_n = cosine_distance_min(patches_avg, proto_n)  # (B, N)
     d_a = cosine_distance_min(patches_avg, proto_a)
     mean, logvar, bias = sample_class_bias(model, g, generator, noise)
-    text = model.text_features(proto_n.detach(), proto_a.detach(), bias.unsqueeze(1))  # (B, 2, E)
+    text = model.text_features(  # (B, 2, E)
+        proto_n.detach(), proto_a.detach(), bias.unsqueeze(1), per_prompt_deep_tokens=True
+    )
     patch_logits = normalize(patches_avg) @ text.transpose(1, 2) / tau  # (B, N, 2)
     probs = patch_logits.softmax(dim=-1)
     b, n, _ = probs.shape
