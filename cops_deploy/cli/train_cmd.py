@@ -49,6 +49,25 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
     )
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument(
+        "--neighbour-kernel",
+        type=int,
+        default=None,
+        help="training neighbour kernel (default: the reference's rule, 3 on MVTec-AD, else 5)",
+    )
+    p.add_argument(
+        "--recon",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="reconstruction loss on or off (default: the reference's rule, off on VisA)",
+    )
+    p.add_argument(
+        "--empty-gather",
+        choices=("reference", "zero"),
+        default="reference",
+        help="gather loss of a batch without normal patches: the reference's NaN (default; "
+        "its gradient is zero and training goes on) or 0",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -63,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr,
         resume=args.resume,
         num_workers=args.workers,
+        empty_gather=args.empty_gather,
+        neighbour_kernel=args.neighbour_kernel,
+        recon_loss=args.recon,
     )
     if cfg.random_clip:
         print("note: CLIP is randomly initialised (--random-clip): a smoke run, not a CoPS model")

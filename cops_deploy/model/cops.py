@@ -151,13 +151,19 @@ class CopsModel(nn.Module):
         bias = self.prompt.vae_decoder(z)
         return bias.expand(batch, -1, -1) if bias.dim() == 2 else bias
 
-    def deep_tokens(self) -> dict[int, torch.Tensor]:
-        """0-based text layer -> the (T, W) tokens that replace positions 1..T there.
+    def deep_tokens(self, prompts: int | None = None) -> dict[int, torch.Tensor]:
+        """0-based text layer -> the (T, W) tokens that replace positions 1..T there, or
+        (prompts, T, W) copies of them when ``prompts`` is given.
 
         With ``prompt.deep_token_fp16_round`` the tokens are rounded to float16 first, as the
-        reference does (it casts them with ``.half()`` at insertion).
+        reference does (it casts them with ``.half()`` at insertion). The values do not depend
+        on ``prompts``; the gradient does: the reference rounds after expanding to the prompts,
+        so in backward each prompt's gradient is rounded to float16 before the sum over prompts
+        (golden/train), which the per-prompt copies reproduce.
         """
         tokens = list(self.prompt.compound_prompts_text)
+        if prompts is not None:
+            tokens = [t.expand(prompts, -1, -1) for t in tokens]
         if self.cfg.prompt.deep_token_fp16_round:
             tokens = [t.to(torch.float16).to(t.dtype) for t in tokens]
         return dict(zip(self.cfg.prompt.deep_layers, tokens, strict=True))
@@ -194,13 +200,24 @@ class CopsModel(nn.Module):
         return torch.stack(channels, dim=1)  # (B, 2, R, L, W)
 
     def text_features(
-        self, proto_n: torch.Tensor, proto_a: torch.Tensor, bias: torch.Tensor
+        self,
+        proto_n: torch.Tensor,
+        proto_a: torch.Tensor,
+        bias: torch.Tensor,
+        per_prompt_deep_tokens: bool = False,
     ) -> torch.Tensor:
-        """T (B, 2, E): per-sample features normalised, averaged over R, normalised again."""
+        """T (B, 2, E): per-sample features normalised, averaged over R, normalised again.
+
+        ``per_prompt_deep_tokens`` (training) gives the deep tokens the reference's gradient
+        (see :meth:`deep_tokens`); the values, and the inference and export graphs, are the
+        same either way.
+        """
         prompts = self.build_prompts(proto_n, proto_a, bias)  # (B, 2, R, L, W)
         b, two, r, length, w = prompts.shape
         feats = self.clip.text(
-            prompts.reshape(b * two * r, length, w), self.cfg.prompt.eot_index, self.deep_tokens()
+            prompts.reshape(b * two * r, length, w),
+            self.cfg.prompt.eot_index,
+            self.deep_tokens(b * two * r if per_prompt_deep_tokens else None),
         )
         feats = normalize(feats.reshape(b, two, r, -1))  # (B, 2, R, E)
         return normalize(feats.mean(dim=2))

@@ -43,16 +43,30 @@ class TrainForward:
 
 
 def sample_class_bias(
-    model: CopsModel, g: torch.Tensor, generator: torch.Generator | None = None
+    model: CopsModel,
+    g: torch.Tensor,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(mean, logvar, bias): the VAE encoder on g (B, E) and decoder(mean + std * eps).
+    """(mean, logvar, bias): the VAE encoder on g (B, E) and decoder(std * eps + mean).
 
-    ``eps`` is drawn on the CPU from ``generator`` (the global RNG if None) and moved to g's
-    device, so a run gives the same numbers whatever the device and can be resumed exactly.
+    ``eps`` is ``noise`` when given ((B, E), or the reference's (1, B, E) draw), else drawn on
+    the CPU from ``generator`` (the global RNG if None) and moved to g's device, so a run gives
+    the same numbers whatever the device and can be resumed exactly.
     """
     mean, logvar = model.prompt.vae_encoder(g)  # (B, E) each
-    eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
-    z = mean + torch.exp(0.5 * logvar) * eps  # (B, E)
+    if noise is None:
+        eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+    elif noise.numel() == mean.numel() and noise.shape[-2:] == mean.shape:
+        eps = noise.reshape(mean.shape)
+    else:
+        raise ConfigError(
+            f"noise of shape {tuple(noise.shape)} does not fit the batch's VAE mean "
+            f"{tuple(mean.shape)}; valid: (B, E) or (1, B, E). Fix: draw one value per image "
+            "and channel."
+        )
+    eps = eps.to(device=mean.device, dtype=mean.dtype)
+    z = torch.exp(0.5 * logvar) * eps + mean  # (B, E), the reference's order (train.py:82)
     return mean, logvar, model.prompt.vae_decoder(z)
 
 
@@ -61,8 +75,12 @@ def training_forward(
     images: torch.Tensor,
     kernel: int,
     generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
 ) -> TrainForward:
-    """Run CoPS on (B, 3, S, S) normalised images the way the reference trains it."""
+    """Run CoPS on (B, 3, S, S) normalised images the way the reference trains it.
+
+    ``noise`` replaces the ICTS draw (see :func:`sample_class_bias`), e.g. to replay a run.
+    """
     if kernel < 1 or kernel % 2 != 1:
         raise ConfigError(f"neighbour kernel must be a positive odd int, got {kernel}")
     tau = model.cfg.head.tau
@@ -72,8 +90,10 @@ def training_forward(
     proto_n, proto_a = model.prototypes(patches_avg)  # (B, P, E) each
     d_n = cosine_distance_min(patches_avg, proto_n)  # (B, N)
     d_a = cosine_distance_min(patches_avg, proto_a)
-    mean, logvar, bias = sample_class_bias(model, g, generator)
-    text = model.text_features(proto_n.detach(), proto_a.detach(), bias.unsqueeze(1))  # (B, 2, E)
+    mean, logvar, bias = sample_class_bias(model, g, generator, noise)
+    text = model.text_features(  # (B, 2, E)
+        proto_n.detach(), proto_a.detach(), bias.unsqueeze(1), per_prompt_deep_tokens=True
+    )
     patch_logits = normalize(patches_avg) @ text.transpose(1, 2) / tau  # (B, N, 2)
     probs = patch_logits.softmax(dim=-1)
     b, n, _ = probs.shape

@@ -14,9 +14,11 @@ the reference code where METHOD.md is silent:
   reference's broadcast of g (B, E) against bias (B, 1, 1, E)).
 
 ``gather`` is the mean of d_n over the normal patches of the batch and ``scatter`` the mean of
-d_a over its anomalous patches; either is 0 when the batch has no such patch (the reference
-gives 0 for scatter and NaN for gather; a batch where every patch is anomalous does not occur
-in practice, and NaN would end the run).
+d_a over its anomalous patches. ``scatter`` is 0 (a constant) when the batch has no anomalous
+patch, as in the reference. For ``gather`` on a batch with no normal patch, ``empty_gather``
+chooses: ``"reference"`` (default) is the reference's mean of nothing, NaN, whose gradient is
+zero (t_n gets an all-zero gradient, the logged total is NaN); ``"zero"`` is the project's
+departure, a constant 0 (t_n gets no gradient, the total stays finite).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ PATCH_LOSS_WEIGHT = 4.0
 FOCAL_GAMMA = 2.0
 FOCAL_CLAMP = 1e-5
 DICE_SMOOTH = 1.0
+# What gather is on a batch without normal patches: the reference's NaN, or 0 (a departure).
+EMPTY_GATHER_MODES = ("reference", "zero")
 
 
 def patch_labels(masks: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -70,10 +74,26 @@ def dice_loss(
     return 1.0 - dice.mean()
 
 
-def gather_loss(d_n: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean distance to the normal prototypes over the normal patches (0 if there are none)."""
+def check_empty_gather(mode: str) -> str:
+    """``mode`` if it is one of EMPTY_GATHER_MODES, else a ConfigError."""
+    if mode not in EMPTY_GATHER_MODES:
+        raise ConfigError(
+            f"empty_gather must be one of {', '.join(EMPTY_GATHER_MODES)}, got {mode!r}. "
+            "Fix: 'reference' for the reference's NaN gather on a batch without normal "
+            "patches, 'zero' for a gather of 0 there."
+        )
+    return mode
+
+
+def gather_loss(
+    d_n: torch.Tensor, labels: torch.Tensor, empty_gather: str = "reference"
+) -> torch.Tensor:
+    """Mean distance to the normal prototypes over the normal patches; with none, NaN
+    (``empty_gather="reference"``, zero gradient) or a constant 0 (``"zero"``)."""
     normal = d_n[labels == 0]
-    return normal.mean() if normal.numel() else d_n.new_zeros(())
+    if normal.numel() or check_empty_gather(empty_gather) == "reference":
+        return normal.mean()
+    return d_n.new_zeros(())
 
 
 def scatter_loss(d_a: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -119,6 +139,7 @@ def cops_loss(
     labels: torch.Tensor,
     patch_size: int,
     use_recon: bool = True,
+    empty_gather: str = "reference",
 ) -> LossTerms:
     """The full CoPS loss of one batch: (B, S, S) 0/1 masks, (B,) 0/1 labels."""
     masks = masks.to(out.maps.dtype)
@@ -128,7 +149,7 @@ def cops_loss(
     dice_n = dice_loss(out.maps[:, 0], 1.0 - masks)
     patch = focal + dice_a + dice_n
     plabels = patch_labels(masks, patch_size)
-    gather = gather_loss(out.d_n, plabels)
+    gather = gather_loss(out.d_n, plabels, empty_gather)
     scatter = scatter_loss(out.d_a, plabels)
     kl = kl_loss(out.vae_mean, out.vae_logvar)
     recon = (

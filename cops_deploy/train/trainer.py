@@ -44,7 +44,7 @@ from cops_deploy.train.checkpoint import (
     save_checkpoint,
 )
 from cops_deploy.train.forward import training_forward
-from cops_deploy.train.losses import LossTerms, cops_loss
+from cops_deploy.train.losses import LossTerms, check_empty_gather, cops_loss, patch_labels
 from cops_deploy.train.policy import training_kernel, uses_recon
 from cops_deploy.version import __version__
 
@@ -78,6 +78,11 @@ class TrainCfg:
     device: str = "cpu"
     num_workers: int = 0
     progress: bool = True
+    # gather on a batch without normal patches: "reference" (NaN, as the reference) or "zero"
+    empty_gather: str = "reference"
+    # None: the reference's rule from the dataset name (policy.training_kernel / uses_recon)
+    neighbour_kernel: int | None = None
+    recon_loss: bool | None = None
 
 
 @dataclass
@@ -114,6 +119,13 @@ def _check_cfg(cfg: TrainCfg) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"invalid training setting: {message}")
+    check_empty_gather(cfg.empty_gather)
+    k = cfg.neighbour_kernel
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 != 1):
+        raise ConfigError(
+            f"invalid training setting: --neighbour-kernel must be a positive odd int, got {k!r}. "
+            "Fix: pass 3 or 5, or leave it out for the reference's rule (3 on MVTec-AD, else 5)."
+        )
     if cfg.clip_weights is None and not cfg.random_clip:
         raise ConfigError(
             "no CLIP weights given: CoPS trains on top of a frozen CLIP. Fix: pass "
@@ -160,8 +172,11 @@ def _run_config(cfg: TrainCfg, model: CopsModel, data: MetaDataset) -> dict[str,
         "lr": cfg.lr,
         "betas": list(cfg.betas),
         "seed": cfg.seed,
-        "neighbour_kernel": training_kernel(cfg.dataset),
-        "recon_loss": uses_recon(cfg.dataset),
+        "neighbour_kernel": (
+            training_kernel(cfg.dataset) if cfg.neighbour_kernel is None else cfg.neighbour_kernel
+        ),
+        "recon_loss": uses_recon(cfg.dataset) if cfg.recon_loss is None else cfg.recon_loss,
+        "empty_gather": cfg.empty_gather,
         "device": cfg.device,
         "num_workers": cfg.num_workers,
         "cops_deploy_version": __version__,
@@ -175,6 +190,7 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 def _check_resume_config(saved: dict[str, Any], now: dict[str, Any], run: Path) -> None:
+    saved = {"empty_gather": "zero", **saved}  # runs from before the option gave 0
     keys = sorted((saved.keys() | now.keys()) - set(RESUMABLE_CHANGES))
     diff = [
         f"{k}: run {saved.get(k)!r}, now {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)
@@ -199,14 +215,32 @@ def train_step(
     use_recon: bool,
     generator: torch.Generator | None,
     device: str | torch.device = "cpu",
+    noise: torch.Tensor | None = None,
+    empty_gather: str = "reference",
 ) -> LossTerms:
-    """One optimisation step on a collated batch; returns the loss terms (before the step)."""
+    """One optimisation step on a collated batch; returns the loss terms (before the step).
+
+    ``noise`` replaces the ICTS draw from ``generator`` (to replay a recorded step).
+    ``empty_gather`` is what gather is on a batch without normal patches (see
+    ``cops_deploy.train.losses``): with ``"reference"`` that NaN is expected, its gradient is
+    finite, and the step goes on; any other non-finite term stops training.
+    """
     images = batch.image.to(device)
-    out = training_forward(model, images, kernel, generator)
+    out = training_forward(model, images, kernel, generator, noise)
     terms = cops_loss(
-        out, batch.mask.to(device), batch.label.to(device), model.cfg.vision.patch_size, use_recon
+        out,
+        batch.mask.to(device),
+        batch.label.to(device),
+        model.cfg.vision.patch_size,
+        use_recon,
+        empty_gather,
     )
-    if not torch.isfinite(terms.total):
+    checked = terms.total
+    patches = patch_labels(batch.mask, model.cfg.vision.patch_size)
+    if empty_gather == "reference" and bool(patches.ne(0).all()):
+        # no normal patch: gather is the reference's NaN; every other term must be finite
+        checked = terms.image + terms.patch + terms.scatter + terms.kl + terms.recon
+    if not torch.isfinite(checked):
         raise TrainingError(
             f"the loss is not finite ({terms.as_floats()}) on the batch of "
             f"{list(batch.path)[:3]}... Fix: lower --lr, or check these images and masks."
@@ -268,6 +302,12 @@ def _progress_text(sums: dict[str, float], count: int) -> dict[str, str]:
     return {k: f"{sums[k] / count:.4f}" for k in PROGRESS_TERMS}
 
 
+def make_optimizer(model: CopsModel, cfg: TrainCfg) -> torch.optim.Adam:
+    """The reference's optimizer (train.py:53): Adam over every learned CoPS parameter (CLIP
+    frozen), lr and betas from ``cfg`` (1e-3, (0.5, 0.999)), eps 1e-8, no weight decay."""
+    return torch.optim.Adam(model.prompt.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+
+
 def build_model(cfg: TrainCfg) -> CopsModel:
     """The model a run starts from: the architecture, CLIP weights (or random) and seed."""
     model = create_model(cfg.model, clip_weights=cfg.clip_weights, seed=cfg.seed)
@@ -308,6 +348,7 @@ class _Session:
                 self.use_recon,
                 self.gens.noise,
                 cfg.device,
+                empty_gather=cfg.empty_gather,
             )
             self.result.steps += 1
             count += 1
@@ -357,7 +398,7 @@ def _start(cfg: TrainCfg) -> tuple[_Session, dict[str, Any], MetaDataset]:
         _check_resume_config(saved, run_config, run)
     _write_json(run / CONFIG_FILE, run_config)
     model.prompt.train()
-    optimizer = torch.optim.Adam(model.prompt.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+    optimizer = make_optimizer(model, cfg)
     gens = _Generators(cfg.seed)
     start_epoch, step = _resume(run, model, optimizer, gens) if cfg.resume else (0, 0)
     loader = DataLoader(

@@ -77,9 +77,23 @@ def test_gather_and_scatter_are_means_over_the_batch_patches():
 
 
 def test_scatter_is_zero_without_anomalous_patches_and_gather_without_normal():
-    d = torch.rand(2, 5)
+    d = torch.rand(2, 5, requires_grad=True)
     assert float(scatter_loss(d, torch.zeros(2, 5))) == 0.0
-    assert float(gather_loss(d, torch.ones(2, 5))) == 0.0
+    zero = gather_loss(d, torch.ones(2, 5), empty_gather="zero")
+    assert float(zero) == 0.0 and not zero.requires_grad  # a constant: no gradient
+
+
+def test_gather_without_normal_patches_is_the_references_nan_with_a_zero_gradient():
+    d = torch.rand(2, 5, requires_grad=True)
+    gather = gather_loss(d, torch.ones(2, 5))  # default: the reference
+    assert torch.isnan(gather)
+    gather.backward()
+    assert d.grad is not None and torch.equal(d.grad, torch.zeros(2, 5))
+
+
+def test_gather_refuses_an_unknown_empty_mode():
+    with pytest.raises(ConfigError, match="empty_gather must be one of reference, zero.*'nan'"):
+        gather_loss(torch.rand(2, 5), torch.ones(2, 5), empty_gather="nan")
 
 
 def test_kl_matches_formula():

@@ -110,6 +110,41 @@ def test_a_non_finite_loss_stops_training(synth_root):
         train_step(model, opt, batch, 5, True, None)
 
 
+def _all_anomalous_batch(synth_root, model):
+    """A batch whose every patch is anomalous (no normal patch: the gather set is empty)."""
+    batch = next(iter(DataLoader(MetaDataset(synth_root, model.cfg.preprocess), batch_size=2)))
+    return batch._replace(mask=torch.ones_like(batch.mask), label=torch.ones_like(batch.label))
+
+
+def test_a_batch_without_normal_patches_gives_the_references_nan_gather(synth_root):
+    from cops_deploy import create_model
+
+    model = create_model("cops-tiny", seed=0)
+    batch = _all_anomalous_batch(synth_root, model)
+    opt = torch.optim.Adam(model.prompt.parameters())
+    before = model.prompt.t_n.detach().clone()
+    terms = train_step(model, opt, batch, 5, True, torch.Generator().manual_seed(0))
+    assert torch.isnan(terms.gather) and torch.isnan(terms.total)
+    assert torch.isfinite(terms.scatter) and torch.isfinite(terms.image)
+    t_n = model.prompt.t_n
+    assert t_n.grad is not None and torch.equal(t_n.grad, torch.zeros_like(t_n))
+    assert opt.state[t_n]["step"] == 1  # the zero gradient advances its Adam state
+    assert torch.equal(t_n.detach(), before)  # Adam's first step on a zero gradient: no move
+    assert all(torch.isfinite(p).all() for p in model.prompt.parameters())
+
+
+def test_a_batch_without_normal_patches_gives_zero_gather_when_asked(synth_root):
+    from cops_deploy import create_model
+
+    model = create_model("cops-tiny", seed=0)
+    batch = _all_anomalous_batch(synth_root, model)
+    opt = torch.optim.Adam(model.prompt.parameters())
+    gen = torch.Generator().manual_seed(0)
+    terms = train_step(model, opt, batch, 5, True, gen, empty_gather="zero")
+    assert float(terms.gather) == 0.0 and torch.isfinite(terms.total)
+    assert model.prompt.t_n.grad is None and model.prompt.t_n not in opt.state
+
+
 # ------------------------------------------------------------------------------- runs
 
 
@@ -132,6 +167,7 @@ def test_run_folder_contents(straight_run):
     assert {"total", "image", "patch", "gather", "scatter", "kl", "recon"} <= set(epochs[0])
     config = json.loads((out / "train_config.json").read_text())
     assert config["neighbour_kernel"] == 5 and config["recon_loss"] is True
+    assert config["empty_gather"] == "reference"
     assert config["classes"] == ["stripes", "disc"] and config["clip"] == "random"
     saved = json.loads((out / "model" / "config.json").read_text())
     assert saved["includes_clip"] is False
@@ -293,6 +329,23 @@ def test_refuses_resume_with_other_settings(synth_root, straight_run):
         train(_cfg(synth_root, straight_run[0], batch_size=4, resume=True))
 
 
+def test_kernel_and_recon_override_the_dataset_rule(synth_root, tmp_path, monkeypatch):
+    used = []
+    real = trainer_module.train_step
+
+    def spy(model, opt, batch, kernel, use_recon, *args, **kwargs):
+        used.append((kernel, use_recon))
+        return real(model, opt, batch, kernel, use_recon, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "train_step", spy)
+    out = tmp_path / "r"
+    train(_cfg(synth_root, out, epochs=1, neighbour_kernel=3, recon_loss=False))
+    config = json.loads((out / "train_config.json").read_text())
+    assert config["neighbour_kernel"] == 3 and config["recon_loss"] is False
+    assert used and set(used) == {(3, False)}
+    assert all(r["recon"] == 0.0 for r in read_loss_log(out / "losses.jsonl", "step"))
+
+
 def test_a_finished_run_resumed_is_left_as_it_is(synth_root, straight_run):
     before = _tensors(straight_run[0] / "model")
     result = train(_cfg(synth_root, straight_run[0], resume=True))
@@ -309,6 +362,8 @@ def test_a_finished_run_resumed_is_left_as_it_is(synth_root, straight_run):
         ({"epochs": 0}, "--epochs must be >= 1"),
         ({"batch_size": 0}, "--batch-size must be >= 1"),
         ({"lr": 0.0}, "--lr must be > 0"),
+        ({"empty_gather": "nan"}, "empty_gather must be one of reference, zero"),
+        ({"neighbour_kernel": 4}, "--neighbour-kernel must be a positive odd int, got 4"),
     ],
 )
 def test_refuses_bad_settings(synth_root, tmp_path, kw, match):
