@@ -146,3 +146,37 @@ def test_demo_small(tmp_path, monkeypatch, capsys):
 )
 def test_parse_classes(values, expected):
     assert parse_classes(values) == expected
+
+
+@pytest.mark.parametrize(
+    ("flags", "want"),
+    [
+        ([], {"neighbour_kernel": None, "recon_loss": None, "empty_gather": "reference"}),
+        (
+            ["--neighbour-kernel", "7", "--no-recon", "--empty-gather", "zero"],
+            {"neighbour_kernel": 7, "recon_loss": False, "empty_gather": "zero"},
+        ),
+        (["--recon"], {"neighbour_kernel": None, "recon_loss": True, "empty_gather": "reference"}),
+    ],
+    ids=["defaults", "overrides", "recon-on"],
+)
+def test_train_flags_reach_train_cfg(flags, want, tmp_path, monkeypatch) -> None:
+    """--neighbour-kernel, --[no-]recon and --empty-gather are mapped onto TrainCfg."""
+    from cops_deploy.cli.main import main as cops_main
+    from cops_deploy.train import trainer
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_train(cfg):
+        seen["cfg"] = cfg
+        raise Stop
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    argv = ["train", "--data", str(tmp_path), "--dataset", "mvtec", "--out", str(tmp_path / "o")]
+    with pytest.raises(Stop):
+        cops_main([*argv, *flags])
+    cfg = seen["cfg"]
+    assert {k: getattr(cfg, k) for k in want} == want
