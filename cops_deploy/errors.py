@@ -16,7 +16,16 @@ class WeightsError(CopsError):
 
 
 class ImageReadError(CopsError):
-    """An input image that cannot be read or converted (names the file)."""
+    """An input image that cannot be read or converted (names the file).
+
+    ``reason`` is a short machine-readable code for the kind of failure (e.g. ``"empty"``,
+    ``"symlink_loop"``, ``"too_many_pixels"``; the list is in ``cops_deploy.imaging.decode``),
+    recorded with each failure in ``cops predict``'s results and mapped to HTTP by the service.
+    """
+
+    def __init__(self, message: str, reason: str = "unreadable") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class BundleError(CopsError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cops_deploy.cli.predict_common import add_output_args
 from cops_deploy.errors import CopsError
 from cops_deploy.extras import require_build
 from cops_deploy.runtime.backends import backend_names
@@ -16,13 +17,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="score images and write heatmaps",
         description=(
             "Score images (files or folders) with CoPS and write scores.json plus, per image, "
-            "a PNG with the image, the heatmap and the overlay. Unreadable files are reported "
-            "and skipped; the exit status is 1 if any failed."
+            "a PNG with the image, the heatmap and the overlay. Every file that cannot be "
+            "scored is reported with the reason and the others are scored; the exit status is "
+            "1 if any failed. Results are journalled as they are made (--resume continues a "
+            "stopped run)."
         ),
     )
     p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
-    p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--force", action="store_true", help="overwrite results already in --out")
+    add_output_args(p)
     src = p.add_argument_group("model source (PyTorch weights, or --bundle)")
     src.add_argument("--bundle", type=Path, help="an exported bundle (runs without PyTorch)")
     src.add_argument(
@@ -84,25 +86,25 @@ def run(args: argparse.Namespace) -> int:
             f"path is fp32. Fix: export a bundle (cops-export) and pass --bundle."
         )
     require_build("cops predict from PyTorch weights (without --bundle)")
-    from cops_deploy.cli.predict_common import finish
-    from cops_deploy.imaging.decode import iter_image_files
+    from cops_deploy.cli.predict_common import finish, open_run
     from cops_deploy.model.factory import create_model
     from cops_deploy.model.predict import model_batch
-    from cops_deploy.runtime.predict_files import prepare_out_dir, write_predictions
+    from cops_deploy.runtime.predict_files import write_predictions
 
-    files = iter_image_files(args.inputs)  # a missing path fails before the model loads
-    prepare_out_dir(args.out, args.force)
     _check_weights(args)
-    model = create_model(args.model, clip_weights=args.clip_weights, cops_weights=args.weights)
-    model = model.to(args.device)
-    info = {"model": args.model, "weights": model.provenance, "backend": "torch"}
-    report = write_predictions(
-        files,
-        model_batch(model),
-        args.out,
-        batch_size=args.batch_size,
-        force=True,  # checked above, before the model loaded
-        info=info,
-        progress=True,
-    )
+    scan, folder = open_run(args)  # a missing input or a refused --out fails before the model
+    with folder:
+        model = create_model(
+            args.model, clip_weights=args.clip_weights, cops_weights=args.weights
+        ).to(args.device)
+        info = {"model": args.model, "weights": model.provenance, "backend": "torch"}
+        report = write_predictions(
+            scan,
+            model_batch(model),
+            folder,
+            batch_size=args.batch_size,
+            info=info,
+            progress=True,
+            max_pixels=args.max_pixels,
+        )
     return finish(report, args.out)

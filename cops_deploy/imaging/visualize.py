@@ -23,12 +23,14 @@ from cops_deploy.imaging.preprocess import check_map, resize_map
 
 __all__ = [
     "JET_LUT",
+    "MAX_PANEL_ASPECT",
     "blend",
     "check_alpha",
     "colorize",
     "colour_range",
     "heatmap",
     "overlay",
+    "panel_size",
     "side_by_side",
 ]
 
@@ -42,6 +44,9 @@ _LUT_SIZE = 256
 _CAPTION_H = 22  # pixels above the panels for the captions
 _GAP = 4  # pixels between panels
 _BACKGROUND = (255, 255, 255)
+# A panel is at most this many tiles wide: a 10000 x 1 image gives a 2072 x 1 panel (padded to
+# the tile's height), not a 5-gigapixel one. Aspect ratios up to 4:1 keep the full tile height.
+MAX_PANEL_ASPECT = 4
 _TEXT = (0, 0, 0)
 
 
@@ -194,11 +199,14 @@ def side_by_side(
 ) -> Path:
     """Write a PNG with three panels: the image, the heatmap and the overlay.
 
-    Each panel is ``tile`` pixels high and keeps the image's aspect ratio (width
-    ``max(1, round(W * tile / H))``); panels are separated by 4 white pixels and a 22-pixel
-    caption strip above them names each panel, the colour range and, if given, the score. The
-    PNG is written to a temporary file beside ``out_path`` and renamed over it (atomic); missing
-    parent directories are created.
+    Each panel keeps the image's aspect ratio and fits in ``tile`` pixels of height and
+    ``MAX_PANEL_ASPECT * tile`` of width: ``tile`` high and ``max(1, round(W * tile / H))`` wide
+    up to a 4:1 aspect, wider images are scaled to that width (height at least 1) and padded
+    with white below. So the picture is at most ``3 * 4 * tile + 8`` by ``tile + 22`` pixels
+    whatever the image's shape (a 1 x 10000 or 10000 x 1 image included). Panels are separated
+    by 4 white pixels and a 22-pixel caption strip above them names each panel, the colour range
+    and, if given, the score. The PNG is written to a temporary file beside ``out_path`` and
+    renamed over it (atomic); missing parent directories are created.
 
     Args:
         rgb, anomaly_map, alpha, vmin, vmax, normalize: as for :func:`overlay` (default colour
@@ -233,12 +241,12 @@ def side_by_side(
     check_alpha(alpha)
     image = load_image(rgb)
     h, w = image.shape[:2]
-    tw = max(1, round(w * tile / h))
+    th, tw = panel_size(h, w, tile)
 
     img_tile = np.asarray(
-        Image.fromarray(image).resize((tw, tile), Image.Resampling.BICUBIC), dtype=np.uint8
+        Image.fromarray(image).resize((tw, th), Image.Resampling.BICUBIC), dtype=np.uint8
     )
-    map_tile = resize_map(check_map(anomaly_map), (tile, tw))
+    map_tile = resize_map(check_map(anomaly_map), (th, tw))
     lo, hi = colour_range([map_tile], vmin, vmax, normalize, option="normalize")
     heat = heatmap(map_tile, lo, hi)
     over = blend(img_tile, heat, alpha)
@@ -259,6 +267,15 @@ def side_by_side(
 
     _save_png_atomic(canvas, out)
     return out
+
+
+def panel_size(height: int, width: int, tile: int) -> tuple[int, int]:
+    """(height, width) of a :func:`side_by_side` panel for an image of ``height`` x ``width``:
+    the aspect ratio kept, within ``tile`` x ``MAX_PANEL_ASPECT * tile``, each side >= 1."""
+    scale = min(tile / height, MAX_PANEL_ASPECT * tile / width)
+    th = min(tile, max(1, round(height * scale)))
+    tw = min(MAX_PANEL_ASPECT * tile, max(1, round(width * scale)))
+    return th, tw
 
 
 def _save_png_atomic(img: Image.Image, out: Path) -> None:

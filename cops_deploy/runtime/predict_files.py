@@ -1,20 +1,43 @@
-"""Score image files and write the results: ``scores.json`` and one picture per image.
+"""Score image files and write the results: one picture per image, a journal, ``scores.json``.
 
     with Detector.open("bundle/") as detector:
         report = predict_files(detector, ["parts/"], "results/")
-    print(report.results[0]["score"], report.failures)
+    print(report.results[0]["score"], report.failures, report.skipped)
 
 :func:`predict_files` runs a :class:`~cops_deploy.runtime.detector.Detector`;
 :func:`write_predictions` runs any batch predictor (``cops predict`` passes a PyTorch model's
-through it). Every image under the inputs is read (folders recursively); unreadable files are
-recorded by name in the report and skipped, the others are still scored. Each picture is
-image | heatmap | overlay side by side. Silent unless ``progress`` (a tqdm bar and the skipped
-files on stderr). Torch-free.
+through it). No single image ends the run: every per-image failure (decoding, the pixel limit,
+memory, the backend, a score or map that is not finite) is recorded for that image with a
+``reason`` code and its message, and the others are still scored. Folder entries that are not
+image candidates are reported as ``skipped``, with the reason.
+
+The records: one dict per image, the same in the journal, in :class:`PredictReport` and in
+``scores.json`` (add keys to extend them; see :mod:`~cops_deploy.runtime.results_folder` for the
+journal ``results.jsonl`` and ``scores.json``):
+
+- result: ``source`` (the input path as given), ``score`` (finite float), ``visual`` (the
+  picture's path inside ``out``), ``height``, ``width`` (of the image after EXIF orientation);
+- failure: ``source``, ``reason`` (a code: :data:`~cops_deploy.imaging.decode.READ_FAILURES`
+  or ``out_of_memory``, ``backend_error``, ``non_finite_output``, ``write_error``), ``error``;
+- skipped: ``source``, ``reason`` (:data:`~cops_deploy.imaging.decode.SKIP_REASONS`),
+  ``error``.
+
+Result pictures (image | heatmap | overlay, bounded in size: see
+:func:`~cops_deploy.imaging.visualize.side_by_side`) are named from the input's path relative
+to its input argument plus ``.png``, mirroring the folders: ``photos/sub/a.jpg`` scored as
+``cops predict photos`` gives ``sub/a.jpg.png``. With several input arguments (or one file),
+each argument gets a top-level entry named after it (``photos/``, ``b.png.png``; a second
+argument of the same name ``photos~2/``). Names are therefore unique and stable from run to
+run (a.jpg, a.png and a_00002.png give a.jpg.png, a.png.png and a_00002.png.png).
+
+Each result is journalled as soon as it is written, so a killed run is continued with
+``resume=True`` (``--resume``): images with a result are not scored again, failed ones are
+retried. Silent unless ``progress`` (a tqdm bar and each failure on stderr). Torch-free.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -26,12 +49,25 @@ import numpy as np
 from tqdm import tqdm
 
 from cops_deploy.errors import ConfigError, CopsError, ImageReadError
-from cops_deploy.fileio import atomic_write_text
-from cops_deploy.imaging.decode import iter_image_files, load_image
+from cops_deploy.imaging.decode import (
+    DEFAULT_MAX_PIXELS,
+    InputFile,
+    InputScan,
+    check_max_pixels,
+    load_image,
+    scan_inputs,
+)
 from cops_deploy.imaging.visualize import side_by_side
 from cops_deploy.runtime.detector import Detector
+from cops_deploy.runtime.results_folder import (
+    JOURNAL_FILE,
+    SCORES_FILE,
+    ResultsFolder,
+    check_out_outside_inputs,
+)
 
 __all__ = [
+    "JOURNAL_FILE",
     "SCORES_FILE",
     "Inputs",
     "PredictBatch",
@@ -39,107 +75,294 @@ __all__ = [
     "detector_batch",
     "predict_files",
     "prepare_out_dir",
+    "result_names",
     "write_predictions",
 ]
 
 # (list of RGB uint8 images) -> (scores [B], anomaly maps [B, S, S])
 PredictBatch = Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray]]
-SCORES_FILE = "scores.json"
-# image files or folders (searched recursively): one path, or several
-Inputs = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+# image files or folders (searched recursively): one path, or several; or a finished scan
+Inputs = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | InputScan
+Out = str | os.PathLike[str] | ResultsFolder
 
 
 @dataclass
 class PredictReport:
-    """What a run produced: one record per scored image (source, score, picture file name,
-    height, width) and one per failed file (source, error)."""
+    """What a run produced (see the module docstring for the records): ``results`` and
+    ``failures`` in input order (those of an earlier, resumed run included), ``skipped``
+    folder entries, and ``resumed``, how many results came from the earlier run."""
 
     results: list[dict[str, Any]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    resumed: int = 0
 
 
 def prepare_out_dir(out: str | os.PathLike[str], force: bool) -> None:
-    """Create ``out``; refuse one that already holds results unless ``force``."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise CopsError(f"--out {out} exists and is not a folder; choose another path")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise CopsError(
-            f"--out {out} already holds results; pass --force to overwrite them or choose "
-            "an empty folder"
+    """Create ``out``; refuse one that already holds files unless ``force`` (which removes the
+    earlier run's results only). Prefer :meth:`ResultsFolder.open`, which also locks it.
+
+    Raises:
+        CopsError: ``out`` is a file, or holds files and ``force`` is not set.
+    """
+    ResultsFolder.open(out, force=force).close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Result names
+
+
+def result_names(files: Sequence[InputFile]) -> list[str]:
+    """The picture name (a relative POSIX path ending in ``.png``) of each of ``files``, in
+    order (rules in the module docstring); unique, also against one another's folders."""
+    roots = {f.root_index: f for f in files}
+    single_folder = len({f.root_index for f in files}) == 1 and files and files[0].root.is_dir()
+    tops: dict[int, str] = {}
+    if not single_folder:
+        used_tops: set[str] = set()
+        for index in sorted(roots):
+            item = roots[index]
+            is_dir = item.root.is_dir()
+            base = item.root.name or Path(os.path.realpath(item.root)).name or "input"
+            top, n = base, 1
+            while (top if is_dir else f"{top}.png") in used_tops:
+                n += 1
+                top = f"{base}~{n}"
+            used_tops.add(top if is_dir else f"{top}.png")
+            tops[index] = top
+    claims = _Claims()
+    names = []
+    for f in files:
+        if single_folder:
+            wanted = f"{f.rel}.png"
+        elif f.root.is_dir():
+            wanted = f"{tops[f.root_index]}/{f.rel}.png"
+        else:
+            wanted = f"{tops[f.root_index]}.png"
+        names.append(claims.claim(wanted))
+    return names
+
+
+class _Claims:
+    """Result paths handed out so far, as files and as the folders above them."""
+
+    def __init__(self) -> None:
+        self.files: set[str] = set()
+        self.dirs: set[str] = set()
+
+    def free(self, name: str) -> bool:
+        parts = name.split("/")
+        prefixes = ["/".join(parts[:i]) for i in range(1, len(parts))]
+        return (
+            name not in self.files
+            and name not in self.dirs
+            and not any(p in self.files for p in prefixes)
         )
-    out.mkdir(parents=True, exist_ok=True)
+
+    def claim(self, wanted: str) -> str:
+        name, n = wanted, 1
+        while not self.free(name):  # a folder named like a result picture: never in practice
+            n += 1
+            name = f"{wanted.replace('/', '__')[: -len('.png')]}~{n}.png"
+        parts = name.split("/")
+        self.files.add(name)
+        self.dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
+        return name
 
 
-def _png_name(index: int, path: Path, used: set[str]) -> str:
-    name = f"{path.stem}.png"
-    if name in used:
-        name = f"{path.stem}_{index:05d}.png"
-    used.add(name)
-    return name
+# ----------------------------------------------------------------------------------------------
+# The run
 
 
 def write_predictions(
     inputs: Inputs,
     predict_batch: PredictBatch,
-    out: str | os.PathLike[str],
+    out: Out,
     *,
     batch_size: int = 1,
     force: bool = False,
+    resume: bool = False,
     info: Mapping[str, Any] | None = None,
     progress: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> PredictReport:
     """Predict every image under ``inputs`` with ``predict_batch`` (``batch_size`` images per
-    call) and write ``scores.json`` (``info``, then the results and failures) and one PNG per
-    image into ``out``.
+    call) into ``out``: one picture per image, the journal as it goes, ``scores.json`` (``info``,
+    then results, failures and skipped entries) at the end.
+
+    Args:
+        inputs: files and folders, or the :class:`InputScan` of them.
+        out: the results folder, or an open :class:`ResultsFolder` (then ``force`` and
+            ``resume`` were given to it, and it stays open).
+        max_pixels: the largest image decoded (width x height); larger ones are failures.
 
     Raises:
         ImageReadError: an input path does not exist.
-        CopsError: ``out`` holds files and ``force`` is not set, or is a file.
+        CopsError: ``out`` is or is inside an input folder, is a file, holds files and neither
+            ``force`` nor ``resume`` is set, is in use by another run, or its journal is from
+            other settings.
+        ConfigError: ``max_pixels`` is invalid.
     """
-    files = iter_image_files(inputs)
-    out = Path(out)
-    prepare_out_dir(out, force)
-    report = PredictReport()
-    used: set[str] = set()
-    pending: list[tuple[Path, np.ndarray]] = []
-    bar = tqdm(total=len(files), unit="img", desc="predict", file=sys.stderr, disable=not progress)
+    limit = check_max_pixels(max_pixels)
+    out_path = out.path if isinstance(out, ResultsFolder) else Path(out)
+    scan = inputs if isinstance(inputs, InputScan) else scan_inputs(inputs, exclude=[out_path])
+    check_out_outside_inputs(out_path, scan.roots)
+    folder = (
+        out
+        if isinstance(out, ResultsFolder)
+        else ResultsFolder.open(out_path, inputs=scan.roots, force=force, resume=resume)
+    )
+    try:
+        folder.start(info)
+        return _Run(scan, predict_batch, folder, batch_size, limit, progress).run()
+    finally:
+        if folder is not out:
+            folder.close()
 
-    def flush() -> None:
-        if not pending:
+
+class _Run:
+    """One :func:`write_predictions` run."""
+
+    def __init__(
+        self,
+        scan: InputScan,
+        predict_batch: PredictBatch,
+        folder: ResultsFolder,
+        batch_size: int,
+        max_pixels: int,
+        progress: bool,
+    ) -> None:
+        self.scan, self.predict_batch, self.folder = scan, predict_batch, folder
+        self.batch_size, self.max_pixels, self.progress = max(1, batch_size), max_pixels, progress
+        # a picture already there is foreign, except when continuing a killed run (which may
+        # have written it without journalling it)
+        self.fresh = not folder.continued
+        self.pending: list[tuple[InputFile, str, np.ndarray]] = []
+
+    def run(self) -> PredictReport:
+        skipped = [
+            {"source": str(s.path), "reason": s.reason, "error": s.message}
+            for s in self.scan.skipped
+        ]
+        if self.progress:
+            for entry in skipped:
+                tqdm.write(f"skipped {entry['error']}", file=sys.stderr)
+        names = result_names(self.scan.files)
+        done = self.folder.finished
+        todo = [
+            (f, n) for f, n in zip(self.scan.files, names, strict=True) if str(f.path) not in done
+        ]
+        resumed = len(self.scan.files) - len(todo)
+        self.bar = tqdm(
+            total=len(self.scan.files),
+            initial=resumed,
+            unit="img",
+            desc="predict",
+            file=sys.stderr,
+            disable=not self.progress,
+        )
+        for item, name in todo:
+            try:
+                rgb = load_image(item.path, max_pixels=self.max_pixels)
+            except ImageReadError as exc:
+                self.fail(item, exc.reason, str(exc))
+                continue
+            except MemoryError as exc:
+                self.fail(item, "out_of_memory", f"out of memory decoding {item.path}: {exc}")
+                continue
+            self.pending.append((item, name, rgb))
+            if len(self.pending) >= self.batch_size:
+                self.flush()
+        self.flush()
+        self.bar.close()
+        order = [str(f.path) for f in self.scan.files]
+        results, failures = self.folder.finish(order, skipped)
+        return PredictReport(results, failures, skipped, resumed)
+
+    def fail(self, item: InputFile, reason: str, error: str) -> None:
+        self.folder.add_failure({"source": str(item.path), "reason": reason, "error": error})
+        if self.progress:
+            tqdm.write(f"failed {item.path}: {error}", file=sys.stderr)
+        self.bar.update(1)
+
+    def flush(self) -> None:
+        batch, self.pending = self.pending, []
+        if not batch:
             return
-        scores, maps = predict_batch([rgb for _, rgb in pending])
-        for (path, rgb), score, amap in zip(pending, scores, maps, strict=True):
-            png = _png_name(len(report.results), path, used)
-            side_by_side(rgb, amap, out / png, score=float(score))
-            report.results.append(
-                {
-                    "source": str(path),
-                    "score": float(score),
-                    "visual": png,
-                    "height": int(rgb.shape[0]),
-                    "width": int(rgb.shape[1]),
-                }
-            )
-        bar.update(len(pending))
-        pending.clear()
+        outputs = self.predict(batch)
+        if outputs is None:  # the batch failed as a whole: find the image(s) at fault
+            if len(batch) == 1:
+                return
+            for one in batch:
+                self.pending = [one]
+                self.flush()
+            return
+        for (item, name, rgb), score, amap in zip(batch, *outputs, strict=True):
+            self.finish_one(item, name, rgb, score, amap)
 
-    for path in files:
+    def predict(self, batch: list[tuple[InputFile, str, np.ndarray]]) -> tuple | None:
+        """(scores, maps) for ``batch``, or None when it raised (recorded for one image)."""
         try:
-            pending.append((path, load_image(path)))
-        except ImageReadError as exc:
-            report.failures.append({"source": str(path), "error": str(exc)})
-            if progress:
-                tqdm.write(f"skipped {path}: {exc}", file=sys.stderr)
-            bar.update(1)
-            continue
-        if len(pending) >= batch_size:
-            flush()
-    flush()
-    bar.close()
-    payload = {**(info or {}), "results": report.results, "failures": report.failures}
-    atomic_write_text(out / SCORES_FILE, json.dumps(payload, indent=2))
-    return report
+            scores, maps = self.predict_batch([rgb for _, _, rgb in batch])
+            scores, maps = np.asarray(scores), np.asarray(maps)
+            if scores.shape[:1] != (len(batch),) or maps.shape[:1] != (len(batch),):
+                raise CopsError(
+                    f"the predictor returned {scores.shape[:1]} scores and {maps.shape[:1]} "
+                    f"maps for {len(batch)} images"
+                )
+            return scores, maps
+        except MemoryError as exc:
+            reason, error = "out_of_memory", f"out of memory while predicting: {exc}"
+        except Exception as exc:  # any backend's error: recorded per image, the run goes on
+            reason, error = "backend_error", f"prediction failed ({type(exc).__name__}: {exc})"
+        if len(batch) == 1:
+            item = batch[0][0]
+            self.fail(item, reason, f"{item.path}: {error}")
+        return None
+
+    def finish_one(
+        self, item: InputFile, name: str, rgb: np.ndarray, score: Any, amap: np.ndarray
+    ) -> None:
+        score = float(score)
+        bad = int(np.size(amap) - np.count_nonzero(np.isfinite(amap)))
+        if not math.isfinite(score) or bad:
+            self.fail(
+                item,
+                "non_finite_output",
+                f"{item.path}: the model gave a score of {score} and {bad} non-finite anomaly "
+                "map values; valid: finite numbers. Fix: check the model or bundle (re-export "
+                "it; a tampered or wrongly converted graph can give NaN).",
+            )
+            return
+        target = self.folder.path / name
+        if self.fresh and (target.exists() or target.is_symlink()):
+            self.fail(
+                item,
+                "write_error",
+                f"{item.path}: its picture {str(target)!r} exists and was not written by this "
+                "run; it is left alone. Fix: move that file, or choose another --out.",
+            )
+            return
+        try:
+            side_by_side(rgb, amap, target, score=score)
+        except (OSError, MemoryError, CopsError) as exc:
+            self.fail(item, "write_error", f"{item.path}: cannot write {target}: {exc}")
+            return
+        height, width = rgb.shape[:2]
+        self.folder.add_result(
+            {
+                "source": str(item.path),
+                "score": score,
+                "visual": name,
+                "height": int(height),
+                "width": int(width),
+            }
+        )
+        self.bar.update(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# With a Detector
 
 
 def detector_batch(detector: Detector, batch_size: int | None = None) -> PredictBatch:
@@ -158,23 +381,24 @@ def detector_batch(detector: Detector, batch_size: int | None = None) -> Predict
 def predict_files(
     detector: Detector,
     inputs: Inputs,
-    out: str | os.PathLike[str],
+    out: Out,
     *,
     batch_size: int | None = None,
     force: bool = False,
+    resume: bool = False,
     precision: str = "fp32",
     progress: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> PredictReport:
-    """Score every image under ``inputs`` with ``detector`` and write ``scores.json`` and one
-    PNG per image into ``out`` (see :func:`write_predictions`).
+    """Score every image under ``inputs`` with ``detector`` into ``out`` (see
+    :func:`write_predictions`).
 
     ``scores.json`` also records the bundle, the backend, its provider, ``precision`` (the one
     the detector was opened with) and the bundle's threshold.
 
     Raises:
         ConfigError: ``batch_size`` is not an integer in 1..``detector.max_batch``.
-        ImageReadError: an input path does not exist.
-        CopsError: ``out`` holds files and ``force`` is not set, or is a file.
+        ImageReadError, CopsError: as :func:`write_predictions`.
     """
     size = _batch_size(batch_size, detector.max_batch)
     info = {
@@ -190,8 +414,10 @@ def predict_files(
         out,
         batch_size=size,
         force=force,
+        resume=resume,
         info=info,
         progress=progress,
+        max_pixels=max_pixels,
     )
 
 

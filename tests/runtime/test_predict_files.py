@@ -61,15 +61,16 @@ def test_write_predictions(inputs: Path, tmp_path: Path, capsys) -> None:
         want = np.asarray(im).mean() / 255
     assert report.results[1]["score"] == pytest.approx(want, abs=1e-6)
     saved = json.loads((out / SCORES_FILE).read_text())
-    assert list(saved) == ["model", "results", "failures"]
+    assert list(saved) == ["model", "results", "failures", "skipped"]
     assert saved["results"] == report.results and saved["failures"] == report.failures
+    assert saved["skipped"] == report.skipped == []
     assert capsys.readouterr() == ("", "")  # silent without progress
 
 
 def test_progress_names_the_skipped_file(inputs: Path, tmp_path: Path, capsys) -> None:
     write_predictions([inputs], FakeBatch(), tmp_path / "out", progress=True)
     err = capsys.readouterr().err
-    assert "skipped" in err and "broken.png" in err and "predict" in err
+    assert "failed" in err and "broken.png" in err and "predict" in err
 
 
 def test_missing_input_fails_before_writing(tmp_path: Path) -> None:
