@@ -231,6 +231,22 @@ def test_predict_equals_detector(
     np.testing.assert_array_equal(pixels, grey16(ref.anomaly_map))
 
 
+def test_gif_is_scored_as_its_first_frame(client: Any, detector: Detector) -> None:
+    frames = [Image.fromarray(rgb).convert("P") for rgb in cops_tiny_bundle_rgbs()]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    response = client.post("/predict", **raw(buffer.getvalue(), "image/gif"))
+    assert response.status_code == 200, response.text
+    first = np.asarray(frames[0].convert("RGB"))
+    assert response.json()["score"] == detector.predict([first])[0].score
+
+
+def cops_tiny_bundle_rgbs() -> list[np.ndarray]:
+    import cops_tiny_bundle
+
+    return cops_tiny_bundle.rng_images(2, seed=9)
+
+
 def test_octet_stream_body_and_no_map(
     client: Any, detector: Detector, image_files: dict[str, Path]
 ) -> None:
@@ -342,6 +358,15 @@ def gif_bytes() -> bytes:
     return buffer.getvalue()
 
 
+EPS_BYTES = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n%%EOF\n"
+
+
+def ico_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buffer, format="ICO")
+    return buffer.getvalue()
+
+
 def raw(data: Any, mime: str | None = "image/png", **params: str) -> dict[str, Any]:
     headers = {"content-type": mime} if mime is not None else {}
     return {"content": data, "headers": headers, "params": params}
@@ -367,8 +392,11 @@ BAD_INPUT: dict[str, Bad] = {
         422,
         "not_an_image",
     ),
-    "GIF (format not accepted)": Bad(
-        lambda png, jpg: raw(gif_bytes(), "image/gif"), 415, "unsupported_format"
+    "EPS (format not accepted, never parsed)": Bad(
+        lambda png, jpg: raw(EPS_BYTES, "image/png"), 415, "unsupported_format"
+    ),
+    "ICO (format not accepted)": Bad(
+        lambda png, jpg: raw(ico_bytes(), "image/x-icon"), 415, "unsupported_format"
     ),
     "truncated PNG": Bad(lambda png, jpg: raw(png[: len(png) // 2]), 422, "corrupt_image"),
     "truncated JPEG": Bad(

@@ -72,20 +72,17 @@ def predict_upload(
     """Decode ``data``, predict, and build the JSON answer (blocking: call it in a worker thread).
 
     Raises:
-        fastapi.HTTPException: a 4xx refusal of the image (see ``decode_upload``), or 422
-            unreadable_image when the Detector cannot convert the decoded image.
+        fastapi.HTTPException: a 4xx refusal of the image (see ``decode_upload``).
     """
-    image = decode_upload(data, max_pixels)
+    rgb = decode_upload(data, max_pixels)
     try:
         original = map_kind != "none" and map_size == "original"
-        prediction = detector.predict([image], original_size=original)[0]
-    except ImageReadError as exc:
+        prediction = detector.predict([rgb], original_size=original)[0]
+    except ImageReadError as exc:  # decode_upload already converted it: not expected
         raise refuse(
             422,
             "unreadable_image",
             f"the image decodes but cannot be converted for the model: {exc}",
             "convert the image to 8-bit RGB or greyscale (PNG or JPEG) before sending it",
         ) from exc
-    finally:
-        image.close()
     return prediction_json(prediction, map_kind, map_size)

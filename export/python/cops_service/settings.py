@@ -16,6 +16,7 @@ from pathlib import Path
 from PIL import Image
 
 from cops_deploy.errors import ConfigError
+from cops_deploy.imaging.decode import DEFAULT_MAX_PIXELS  # the one default (8192 x 8192)
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -27,7 +28,6 @@ __all__ = [
 ]
 
 DEFAULT_MAX_UPLOAD_BYTES = 32 * 1024 * 1024  # a 24-bit 4K PNG is about 25 MB
-DEFAULT_MAX_PIXELS = 8192 * 8192  # below Pillow's own decompression-bomb limit (about 89.5 MP)
 LOG_LEVELS: tuple[str, ...] = ("critical", "error", "warning", "info", "debug")
 
 
