@@ -142,3 +142,53 @@ def test_bad_batch_size(tmp_path, capsys, batch):
         main(["predict", str(tmp_path), "--out", str(tmp_path / "o"), *BASE, "--batch-size", batch])
         == 2
     )
+
+
+def test_links_loops_and_gif_never_abort_the_run(tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(np.zeros((30, 20, 3), np.uint8)).save(folder / "ok.png")
+    Image.fromarray(np.zeros((30, 20, 3), np.uint8)).convert("P").save(folder / "anim.gif")
+    (folder / "notes.txt").write_text("x")
+    (tmp_path / "gone.png").symlink_to("nowhere.png")
+    (tmp_path / "loop.png").symlink_to("loop.png")
+    out = tmp_path / "out"
+    argv = ["predict", str(folder), str(tmp_path / "gone.png"), str(tmp_path / "loop.png")]
+    assert main([*argv, "--out", str(out), *BASE]) == 1
+    scores = _read_scores(out)
+    assert sorted(r["source"].rsplit("/", 1)[-1] for r in scores["results"]) == [
+        "anim.gif",
+        "ok.png",
+    ]
+    assert {f["source"].rsplit("/", 1)[-1]: f["reason"] for f in scores["failures"]} == {
+        "gone.png": "dangling_symlink",
+        "loop.png": "symlink_loop",
+    }
+    assert [(s["source"].rsplit("/", 1)[-1], s["reason"]) for s in scores["skipped"]] == [
+        ("notes.txt", "unsupported_extension")
+    ]
+    err = capsys.readouterr().err
+    assert "notes.txt" in err and "dangling symbolic link" in err and "loop" in err
+
+
+def test_resume_max_pixels_and_out_inside_input(tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((30, 40, 3), i * 50, np.uint8)).save(folder / f"p{i}.png")
+    out = tmp_path / "out"
+    assert main(["predict", str(folder), "--out", str(folder / "res"), *BASE]) == 2
+    assert "inside the input folder" in capsys.readouterr().err
+    assert main(["predict", str(folder), "--out", str(out), *BASE, "--max-pixels", "1199"]) == 1
+    assert {f["reason"] for f in _read_scores(out)["failures"]} == {"too_many_pixels"}
+    assert main(["predict", str(folder), "--out", str(out), *BASE, "--max-pixels", "0"]) == 2
+    assert "--max-pixels" in capsys.readouterr().err
+    assert main(["predict", str(folder), "--out", str(out), *BASE, "--force"]) == 0
+    full = _read_scores(out)
+    journal = (out / "results.jsonl").read_text().splitlines(keepends=True)
+    (out / "results.jsonl").write_text("".join(journal[:2]))  # as if killed after one image
+    (out / "scores.json").unlink()
+    capsys.readouterr()
+    assert main(["predict", str(folder), "--out", str(out), *BASE, "--resume"]) == 0
+    assert "1 of them from the earlier run" in capsys.readouterr().out
+    assert _read_scores(out)["results"] == full["results"]

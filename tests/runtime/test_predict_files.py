@@ -14,6 +14,7 @@ from PIL import Image
 from cops_deploy.errors import ConfigError, CopsError, ImageReadError
 from cops_deploy.runtime.detector import Detector
 from cops_deploy.runtime.predict_files import (
+    JOURNAL_FILE,
     SCORES_FILE,
     PredictReport,
     detector_batch,
@@ -117,3 +118,267 @@ def test_batch_size_refusals(tiny_bundle: Path, tmp_path: Path, batch_size, mess
         with pytest.raises(ConfigError, match=message):
             detector_batch(detector, batch_size)
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# No image takes the run down; results recorded as they are produced; strict JSON
+
+
+def strict_load(path: Path) -> dict:
+    """Parse JSON refusing NaN and infinity (Python's json accepts them by default)."""
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+class Faulty(FakeBatch):
+    """FakeBatch, but an image whose top-left red value is listed misbehaves."""
+
+    def __init__(self, faults: dict[int, str]) -> None:
+        super().__init__()
+        self.faults = faults
+
+    def __call__(self, rgbs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        scores, maps = super().__call__(rgbs)
+        for i, rgb in enumerate(rgbs):
+            fault = self.faults.get(int(rgb[0, 0, 0]))
+            if fault == "memory":
+                raise MemoryError("cannot allocate 22 GB")
+            if fault == "backend":
+                raise RuntimeError("ORT: Non-zero status code")
+            if fault == "nan_score":
+                scores[i] = np.nan
+            if fault == "inf_map":
+                maps[i, 0, 0] = np.inf
+        return scores, maps
+
+
+def _flat_images(folder: Path, values: list[int]) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for v in values:
+        path = folder / f"img{v:03d}.png"
+        Image.fromarray(np.full((12, 10, 3), v, np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_per_image_failures_do_not_end_the_run(tmp_path: Path, batch_size: int) -> None:
+    _flat_images(tmp_path / "in", [1, 2, 3, 4, 5, 6])
+    faults = {2: "memory", 3: "nan_score", 4: "backend", 6: "inf_map"}
+    out = tmp_path / "out"
+    report = write_predictions(tmp_path / "in", Faulty(faults), out, batch_size=batch_size)
+    assert [Path(r["source"]).name for r in report.results] == ["img001.png", "img005.png"]
+    reasons = {Path(f["source"]).name: f["reason"] for f in report.failures}
+    assert reasons == {
+        "img002.png": "out_of_memory",
+        "img003.png": "non_finite_output",
+        "img004.png": "backend_error",
+        "img006.png": "non_finite_output",
+    }
+    assert all("img00" in f["error"] for f in report.failures)  # each names its image
+    saved = strict_load(out / SCORES_FILE)  # no bare NaN anywhere
+    assert saved["results"] == report.results and saved["failures"] == report.failures
+    assert sorted(p.name for p in out.iterdir()) == [
+        "img001.png.png",
+        "img005.png.png",
+        JOURNAL_FILE,
+        SCORES_FILE,
+    ]
+
+
+def test_results_are_journalled_as_they_are_produced(tmp_path: Path) -> None:
+    _flat_images(tmp_path / "in", [1, 2, 3, 4])
+    out = tmp_path / "out"
+    seen: list[int] = []
+
+    def predictor(rgbs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        lines = (out / JOURNAL_FILE).read_text().splitlines()
+        seen.append(len(lines) - 1)  # records before this call (line 1 is the header)
+        assert not (out / SCORES_FILE).exists()
+        return FakeBatch()(rgbs)
+
+    write_predictions(tmp_path / "in", predictor, out, info={"model": "fake"})
+    assert seen == [0, 1, 2, 3]
+    lines = [json.loads(line) for line in (out / JOURNAL_FILE).read_text().splitlines()]
+    assert lines[0] == {"journal": "cops-predict", "version": 1, "info": {"model": "fake"}}
+    assert [next(iter(line)) for line in lines[1:]] == ["result"] * 4
+
+
+def test_resume_from_a_partial_journal(tmp_path: Path) -> None:
+    _flat_images(tmp_path / "in", [1, 2, 3, 4, 5])
+    out = tmp_path / "out"
+    first = write_predictions(tmp_path / "in", FakeBatch(), out, info={"model": "fake"})
+    # as if killed after two results, in the middle of writing the third line
+    lines = (out / JOURNAL_FILE).read_text().splitlines(keepends=True)
+    (out / JOURNAL_FILE).write_text("".join(lines[:3]) + lines[3][:20])
+    (out / SCORES_FILE).unlink()
+    with pytest.raises(CopsError, match="--resume"):
+        write_predictions(tmp_path / "in", FakeBatch(), out, info={"model": "fake"})
+    fake = FakeBatch()
+    again = write_predictions(
+        tmp_path / "in", fake, out, resume=True, info={"model": "fake"}, batch_size=2
+    )
+    assert fake.sizes == [2, 1]  # only the three missing images
+    assert again.resumed == 2 and again.results == first.results
+    assert strict_load(out / SCORES_FILE)["results"] == first.results
+    journal = (out / JOURNAL_FILE).read_text()
+    assert journal.endswith("\n") and len(journal.splitlines()) == 1 + 5  # torn line cut
+    with pytest.raises(CopsError, match="other settings.*model"):
+        write_predictions(tmp_path / "in", FakeBatch(), out, resume=True, info={"model": "b"})
+
+
+def test_resume_refuses_a_damaged_journal(tmp_path: Path) -> None:
+    _flat_images(tmp_path / "in", [1, 2])
+    out = tmp_path / "out"
+    write_predictions(tmp_path / "in", FakeBatch(), out)
+    lines = (out / JOURNAL_FILE).read_text().splitlines(keepends=True)
+    (out / JOURNAL_FILE).write_text(lines[0] + "garbage\n" + "".join(lines[1:]))
+    with pytest.raises(CopsError, match="line 2 is not a cops predict journal line"):
+        write_predictions(tmp_path / "in", FakeBatch(), out, resume=True)
+
+
+KILLED_RUN = """
+import sys, time
+import numpy as np
+from cops_deploy.runtime.predict_files import write_predictions
+
+def slow(rgbs):
+    time.sleep(0.4)
+    return np.array([r.mean() / 255 for r in rgbs], np.float32), np.zeros((len(rgbs), 8, 8), np.float32)
+
+write_predictions(sys.argv[1], slow, sys.argv[2], info={"model": "fake"})
+"""
+
+
+def test_a_killed_run_is_resumed(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _flat_images(tmp_path / "in", list(range(1, 9)))
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_RUN, str(tmp_path / "in"), str(out)], env=env
+    )
+    try:
+        for _ in range(300):
+            journal = out / JOURNAL_FILE
+            if journal.is_file() and len(journal.read_text().splitlines()) >= 1 + 3:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the run journalled nothing in 30 s")
+        with pytest.raises(CopsError, match="in use by another cops predict run"):
+            write_predictions(tmp_path / "in", FakeBatch(), out, resume=True)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert not (out / SCORES_FILE).exists()
+    done = len((out / JOURNAL_FILE).read_text().splitlines()) - 1
+    assert 3 <= done < 8
+    fake = FakeBatch()
+    report = write_predictions(tmp_path / "in", fake, out, resume=True, info={"model": "fake"})
+    assert sum(fake.sizes) == 8 - done and report.resumed == done
+    assert [Path(r["source"]).name for r in report.results] == [
+        f"img{v:03d}.png" for v in range(1, 9)
+    ]
+    assert len(strict_load(out / SCORES_FILE)["results"]) == 8
+
+
+# ----------------------------------------------------------------------------------------------
+# The results folder: never an input folder, --force clears only its own files, a lock
+
+
+def test_out_inside_an_input_folder_is_refused(tmp_path: Path) -> None:
+    inputs = tmp_path / "in"
+    _flat_images(inputs, [1])
+    (tmp_path / "link").symlink_to(inputs, target_is_directory=True)
+    for out in (inputs, inputs / "results", tmp_path / "link" / "r", tmp_path / "link"):
+        with pytest.raises(CopsError, match="input folder.*resolved") as info:
+            write_predictions([inputs], FakeBatch(), out, force=True)
+        assert str(inputs.resolve()) in str(info.value)
+    with pytest.raises(CopsError, match="is the input file"):
+        write_predictions([inputs / "img001.png"], FakeBatch(), inputs / "img001.png")
+    assert sorted(p.name for p in inputs.iterdir()) == ["img001.png"]  # nothing written
+
+
+def test_force_clears_only_the_earlier_results(tmp_path: Path) -> None:
+    _flat_images(tmp_path / "in", [1, 2])
+    (tmp_path / "in" / "sub").mkdir()
+    Image.fromarray(np.zeros((9, 9, 3), np.uint8)).save(tmp_path / "in" / "sub" / "c.png")
+    out = tmp_path / "out"
+    write_predictions(tmp_path / "in", FakeBatch(), out)
+    assert (out / "sub" / "c.png.png").is_file()
+    (out / "notes.txt").write_text("mine")
+    (tmp_path / "victim.png").write_text("outside")
+    saved = json.loads((out / SCORES_FILE).read_text())
+    saved["results"].append({"source": "x", "score": 0.1, "visual": "../victim.png"})
+    (out / SCORES_FILE).write_text(json.dumps(saved))
+    with pytest.raises(CopsError, match="already holds results.*--force"):
+        write_predictions(tmp_path / "in" / "img001.png", FakeBatch(), out)
+    write_predictions(tmp_path / "in" / "img001.png", FakeBatch(), out, force=True)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "img001.png.png",
+        "notes.txt",
+        JOURNAL_FILE,
+        SCORES_FILE,
+    ]  # img002 and sub/c pictures (and the emptied sub/) removed
+    assert (tmp_path / "victim.png").read_text() == "outside"
+
+
+def test_force_never_overwrites_a_foreign_file(tmp_path: Path) -> None:
+    _flat_images(tmp_path / "in", [1])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "img001.png.png").write_text("someone else's")
+    report = write_predictions(tmp_path / "in", FakeBatch(), out, force=True)
+    assert [f["reason"] for f in report.failures] == ["write_error"]
+    assert (out / "img001.png.png").read_text() == "someone else's"
+
+
+def test_a_busy_folder_is_refused(tmp_path: Path) -> None:
+    from cops_deploy.runtime.results_folder import ResultsFolder
+
+    _flat_images(tmp_path / "in", [1])
+    out = tmp_path / "out"
+    with ResultsFolder.open(out):
+        with pytest.raises(CopsError, match="in use by another cops predict run"):
+            write_predictions(tmp_path / "in", FakeBatch(), out)
+    write_predictions(tmp_path / "in", FakeBatch(), out)  # released on close
+    assert (out / SCORES_FILE).is_file()
+
+
+def test_result_names_are_unique_and_stable(tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    names = ["a.jpg", "a.png", "a_00002.png", "sub/a.png", "sub__a.png", "x.png", "x.png.png/y.png"]
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / name, format="PNG")
+    first = write_predictions(root, FakeBatch(), tmp_path / "o1").results
+    again = write_predictions(root, FakeBatch(), tmp_path / "o2").results
+    visuals = [r["visual"] for r in first]
+    assert visuals == [r["visual"] for r in again]
+    assert len(set(visuals)) == len(names) == len(list((tmp_path / "o1").rglob("*.png")))
+    assert {"a.jpg.png", "a.png.png", "a_00002.png.png", "sub/a.png.png", "sub__a.png.png"} <= set(
+        visuals
+    )
+    # several inputs of one name
+    other = tmp_path / "other" / "in"
+    other.mkdir(parents=True)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(other / "a.png")
+    report = write_predictions([root / "a.png", root, other], FakeBatch(), tmp_path / "o3")
+    by_source = {
+        Path(r["source"]).relative_to(tmp_path).as_posix(): r["visual"] for r in report.results
+    }
+    assert by_source["in/a.png"] == "a.png.png"
+    assert by_source["other/in/a.png"] == "in~2/a.png.png"
+    assert by_source["in/sub/a.png"] == "in/sub/a.png.png"
+    assert len(report.results) == len(names) + 1  # in/a.png once, as named first
+    assert report.skipped == []
