@@ -634,8 +634,17 @@ class _Scanner:
         """List the image candidates under ``folder`` (sorted by path)."""
         found: list[InputFile] = []
         self.search(folder, root, index, found)
-        for item in sorted(found, key=lambda f: f.path):
-            self.add(item)
+        found.sort(key=lambda f: f.path)
+        # of two paths to one file, the file itself is listed rather than a link to it
+        chosen: dict[str, Path] = {}
+        for item in found:
+            real = os.path.realpath(item.path)
+            if real not in chosen or (chosen[real].is_symlink() and not item.path.is_symlink()):
+                chosen[real] = item.path
+        start = len(self.result.files)
+        for item in sorted(found, key=lambda f: f.path != chosen[os.path.realpath(f.path)]):
+            self.add(item)  # the chosen paths first, then the others (reported as duplicates)
+        self.result.files[start:] = sorted(self.result.files[start:], key=lambda f: f.path)
 
     def search(self, folder: Path, root: Path, index: int, found: list[InputFile]) -> None:
         real = os.path.realpath(folder)
