@@ -183,7 +183,10 @@ def test_resume_max_pixels_and_out_inside_input(tmp_path, capsys):
     assert {f["reason"] for f in _read_scores(out)["failures"]} == {"too_many_pixels"}
     assert main(["predict", str(folder), "--out", str(out), *BASE, "--max-pixels", "0"]) == 2
     assert "--max-pixels" in capsys.readouterr().err
+    (out / "mine.txt").write_text("not a result")
     assert main(["predict", str(folder), "--out", str(out), *BASE, "--force"]) == 0
+    assert "--force: removed 2 file(s) of an earlier run" in capsys.readouterr().err
+    assert (out / "mine.txt").read_text() == "not a result"
     full = _read_scores(out)
     journal = (out / "results.jsonl").read_text().splitlines(keepends=True)
     (out / "results.jsonl").write_text("".join(journal[:2]))  # as if killed after one image
