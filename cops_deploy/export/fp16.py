@@ -121,10 +121,11 @@ def logit_matmul_report(onnx_path: str | os.PathLike[str]) -> dict[str, int]:
             continue
         stack = [node.input[0]]
         while stack:
-            src = producer.get(stack.pop())
-            if src is None or src.name in seen:
+            value = stack.pop()
+            src = producer.get(value)
+            if src is None or value in seen:
                 continue
-            seen.add(src.name)
+            seen.add(value)
             if src.op_type == "MatMul":
                 counts[_ONNX_TYPES.get(types.get(src.input[0], 0), "unknown")] += 1
             elif src.op_type in _LOGIT_PATH_OPS:
