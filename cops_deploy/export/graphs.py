@@ -19,8 +19,8 @@
 Each graph takes float32 inputs and returns float32 outputs. ``compute_dtype`` (float32 here;
 ``cops_deploy.export.fp16`` sets float16) is the dtype of the matmuls and the residual streams;
 LayerNorm, softmax, L2 norms, distances, SAGA, reductions (the mean over feature layers
-included) and the Gaussian always run in float32. In a float16/bfloat16 graph the explicit
-attention also computes its logits in float32 (q and k cast before the scaled q k^T; see
+included) and the Gaussian always run in float32. In a float16 graph the explicit attention
+also computes its logits in float32 (q and k cast before the scaled q k^T; see
 :func:`fp32_logits_attention`): CLIP's activations have outlier channels of a few hundred, and
 ``(q * scale) k^T`` then exceeds float16's 65504 (v v^T on the V-VV path first).
 
@@ -146,9 +146,10 @@ class DeployGraph(nn.Module):
     fp32_buffers: tuple[str, ...] = ()  # names of buffers an FP16 cast must leave in float32
 
     attn_impls: tuple[str, ...] = ATTN_IMPLS
-    # Explicit attention in a float16/bfloat16 graph computes its logits in float32
-    # (fp32_logits_attention). False restores the float16 logits of the form before the fix:
-    # only for the overflow test and the cost measurement (tests/export/test_fp16.py).
+    # Explicit attention in a float16 graph computes its logits in float32
+    # (fp32_logits_attention; bfloat16 has float32's range and keeps its logits). False
+    # restores the float16 logits of the form before the fix: only for the overflow test and
+    # the cost measurement (tests/export/test_fp16.py, benchmarks/gpu_check.py).
     fp32_logits: bool = True
 
     def __init__(self, attn_impl: str = "explicit") -> None:
@@ -176,8 +177,8 @@ class DeployGraph(nn.Module):
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The model's attention in this graph's form, softmax an FP32 island (and, explicit in a
-        low-precision graph, the logits too): (..., H, L, D)."""
-        if self.attn_impl == "explicit" and q.dtype != torch.float32 and self.fp32_logits:
+        float16 graph, the logits too): (..., H, L, D)."""
+        if self.attn_impl == "explicit" and q.dtype == torch.float16 and self.fp32_logits:
             return fp32_logits_attention(q, k, v, scale, mask)
         return scaled_attention(q, k, v, scale, mask, self.attn_impl, float32_softmax=True)
 
