@@ -18,7 +18,15 @@
 
 Each graph takes float32 inputs and returns float32 outputs. ``compute_dtype`` (float32 here;
 ``cops_deploy.export.fp16`` sets float16) is the dtype of the matmuls and the residual streams;
-LayerNorm, softmax, L2 norms, distances, SAGA, reductions and the Gaussian always run in float32.
+LayerNorm, softmax, L2 norms, distances, SAGA, reductions (the mean over feature layers
+included) and the Gaussian always run in float32. In a float16 graph the explicit attention
+also computes its logits in float32 (q and k cast before the scaled q k^T; see
+:func:`fp32_logits_attention`): CLIP's activations have outlier channels of a few hundred, and
+``(q * scale) k^T`` then exceeds float16's 65504 (v v^T on the V-VV path first).
+
+Every constant the graphs create (prompt masks, indices, the folding inputs) is created on the
+device of the model's weights, so a model moved to CUDA (or the ``meta`` device, which the tests
+use as its stand-in) builds its graphs there.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ __all__ = [
     "HeadGraph",
     "VisionGraph",
     "example_inputs",
+    "fp32_logits_attention",
 ]
 
 FUSED_ATTN = "ort_mha"  # VisionGraph only: attention as one com.microsoft.MultiHeadAttention node
@@ -65,6 +74,29 @@ def _layer_norm(ln: nn.LayerNorm, x: torch.Tensor, dtype: torch.dtype) -> torch.
     """LayerNorm computed in float32 (an FP32 island in FP16 graphs), returned as ``dtype``."""
     out = F.layer_norm(x.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps)
     return out.to(dtype)
+
+
+def fp32_logits_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """softmax((q * scale) k^T + mask) v with the logits an FP32 island: (..., H, L, D).
+
+    q and k are cast to float32 before the scale and the first matmul, so the logits are never
+    float16 (TensorRT runs that matmul in float32, or TF32 with float32's range); the mask and
+    softmax are float32 too, and the weights go back to v's dtype for the second matmul, which
+    stays float16 (its outputs are convex combinations of v, as bounded as v). Pre-scaling a
+    float16 q (the fused-kernel form) is not enough: with CLIP's outlier channels of a few
+    hundred, ``scale * |v|^2`` on the V-VV path exceeds 65504. For float32 inputs it computes
+    exactly what :func:`~cops_deploy.model.layers.scaled_attention` does.
+    """
+    scores = (q.float() * scale) @ k.float().transpose(-2, -1)  # (..., H, Lq, Lk) float32
+    if mask is not None:
+        scores = scores + mask.float()
+    return scores.softmax(dim=-1).to(v.dtype) @ v
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -114,6 +146,11 @@ class DeployGraph(nn.Module):
     fp32_buffers: tuple[str, ...] = ()  # names of buffers an FP16 cast must leave in float32
 
     attn_impls: tuple[str, ...] = ATTN_IMPLS
+    # Explicit attention in a float16 graph computes its logits in float32
+    # (fp32_logits_attention; bfloat16 has float32's range and keeps its logits). False
+    # restores the float16 logits of the form before the fix: only for the overflow test and
+    # the cost measurement (tests/export/test_fp16.py, benchmarks/gpu_check.py).
+    fp32_logits: bool = True
 
     def __init__(self, attn_impl: str = "explicit") -> None:
         super().__init__()
@@ -139,7 +176,10 @@ class DeployGraph(nn.Module):
         scale: float,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The model's attention in this graph's form, softmax an FP32 island: (..., H, L, D)."""
+        """The model's attention in this graph's form, softmax an FP32 island (and, explicit in a
+        float16 graph, the logits too): (..., H, L, D)."""
+        if self.attn_impl == "explicit" and q.dtype == torch.float16 and self.fp32_logits:
+            return fp32_logits_attention(q, k, v, scale, mask)
         return scaled_attention(q, k, v, scale, mask, self.attn_impl, float32_softmax=True)
 
 
@@ -193,9 +233,10 @@ class VisionGraph(DeployGraph):
             if i + 1 in self.feature_layers:
                 feats.append(x)
         image_embedding = x_ori[:, 0] @ self.proj  # (B, E)
-        patches = [_layer_norm(self.ln_post, f[:, 1:], dtype) @ self.proj for f in feats]
+        patches = [(_layer_norm(self.ln_post, f[:, 1:], dtype) @ self.proj).float() for f in feats]
+        # the mean over feature layers is a float32 reduction (an FP32 island)
         patch = patches[0] if len(patches) == 1 else torch.stack(patches).mean(0)  # (B, N, E)
-        return image_embedding.float(), patch.float()
+        return image_embedding.float(), patch
 
     def _plain_block(self, block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
         """An ordinary CLIP block (before the first V-VV block)."""
@@ -297,7 +338,8 @@ class HeadGraph(DeployGraph):
         cfg = model.cfg
         m, pre = self.state_len, self.prefix_len
         live = cfg.prompt.live_tokens
-        zeros = torch.zeros(1, m, cfg.embed_dim)
+        device = model.class_samples.device  # every constant on the weights' device
+        zeros = torch.zeros(1, m, cfg.embed_dim, device=device)
         bias = model.class_bias(1)  # (1, R, E): decoder(z) for the fixed samples
         prompts = model.build_prompts(zeros, zeros, bias)[0, :, :, :live]  # (2, R, 17, W)
         pos = model.clip.text.positional_embedding[:live]  # (17, W)
@@ -311,9 +353,9 @@ class HeadGraph(DeployGraph):
         for name, value in (("tail_h0", tail), ("tail_q0", q0), ("tail_k0", k0), ("tail_v0", v0)):
             self.register_buffer(name, value.clone())
         self._fold_prefix(model, prompts[:, 0, :pre] + pos[:pre])
-        mask = self._token_mask()
+        mask = self._token_mask().to(device)
         self.register_buffer("text_mask", mask)  # (M + R*T, K+1 + M + R*T)
-        eot = m + torch.arange(self.samples) * self.tail_len + self.tail_len - 1  # (R,)
+        eot = m + torch.arange(self.samples, device=device) * self.tail_len + self.tail_len - 1
         self.register_buffer("eot_rows", eot)
         self.register_buffer("eot_mask", mask[eot].clone())  # (R, K+1 + M + R*T)
 
@@ -333,7 +375,7 @@ class HeadGraph(DeployGraph):
     def _fold_prefix(self, model: CopsModel, x: torch.Tensor) -> None:
         """Run positions 0..K (2, K+1, W) through the tower once, keeping each layer's k, v."""
         deep = model.deep_tokens()
-        mask = causal_mask(x.shape[1], x.dtype)
+        mask = causal_mask(x.shape[1], x.dtype).to(x.device)
         for i, block in enumerate(self.text_blocks):
             if i in deep:
                 tok = deep[i].to(x.dtype).expand(x.shape[0], -1, -1)  # (2, T, W)

@@ -513,12 +513,13 @@ def _parity_note(what: str, parity: Mapping[str, Any]) -> str:
 
 
 def check_fp16_islands(paths: Mapping[str, str | os.PathLike[str]]) -> dict[str, int]:
-    """Check that FP16 graphs compute every FP32-island op in float32.
+    """Check that FP16 graphs compute every FP32-island op, and every attention-logit matmul,
+    in float32.
 
     ``paths`` maps graph names to ONNX files. Returns the number of float16 matmuls per graph;
     raises ExportError naming the graph and the ops computed in another type.
     """
-    from cops_deploy.export.fp16 import ISLAND_OPS, precision_report
+    from cops_deploy.export.fp16 import ISLAND_OPS, logit_matmul_report, precision_report
 
     matmuls = {}
     for name, path in paths.items():
@@ -532,6 +533,14 @@ def check_fp16_islands(paths: Mapping[str, str | os.PathLike[str]]) -> dict[str,
             raise ExportError(
                 f"FP16 {name} graph {path} computes FP32-island ops in another type: {wrong}. "
                 f"Fix: keep these ops in float32 in cops_deploy/export/graphs.py."
+            )
+        logits = logit_matmul_report(path)
+        if set(logits) - {"float32"}:
+            raise ExportError(
+                f"FP16 {name} graph {path} computes attention logits (the MatMul before a "
+                f"Softmax) in {logits}; valid: float32 only (float16 logits overflow with "
+                f"CLIP's outlier channels). Fix: compute them with fp32_logits_attention in "
+                f"cops_deploy/export/graphs.py."
             )
         matmuls[name] = sum(
             kinds.get("float16", 0) for op, kinds in report.items() if op in ("MatMul", "Gemm")

@@ -3,9 +3,15 @@
 TensorRT 10/11 builds strongly typed networks: every tensor's type comes from the ONNX graph,
 so an FP16 engine is built from the FP16 ONNX graph (``cops_deploy.export.fp16``) and there is
 no precision flag. The optimisation profile covers batch 1 .. ``max_batch`` (optimum
-``max(1, max_batch // 2)``). A timing cache file speeds up rebuilds; an engine cache keyed by
-:class:`~cops_deploy.runtime.manifest.EngineKey` (ONNX sha256, TensorRT version, GPU name,
-compute capability, precision, profile) reuses an engine only where every field matches.
+``max(1, max_batch // 2)``), or exactly N for a graph exported with a fixed batch N. A timing
+cache file speeds up rebuilds; the engine cache keeps one per TensorRT version, GPU and compute
+capability (:func:`timing_cache_path`: TensorRT rejects or ignores a cache from another build or
+device), and a cache TensorRT refuses is an error, not silently dropped. The engine cache, keyed
+by :class:`~cops_deploy.runtime.manifest.EngineKey` (ONNX sha256, TensorRT version, GPU name,
+compute capability, precision, profile), reuses an engine only where every field matches.
+``build_engine`` selects CUDA device ``device`` before it creates the builder, so the engine is
+built (and timed) on the device its key names; it logs through the process's one TensorRT
+logger (:func:`~cops_deploy.runtime.backends.tensorrt.tensorrt_logger`).
 
 ``tensorrt`` is imported inside functions only, through the run side's
 :func:`~cops_deploy.runtime.backends.tensorrt.import_tensorrt` (without it: MissingDependencyError
@@ -19,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +42,8 @@ from cops_deploy.runtime.backends.tensorrt import (
     TRT_INSTALL,
     check_engine_key,
     import_tensorrt,
+    set_cuda_device,
+    tensorrt_logger,
     tensorrt_machine_fields,
 )
 from cops_deploy.runtime.bundle import sha256_file
@@ -46,6 +55,7 @@ __all__ = [
     "PRECISIONS",
     "TRT_INSTALL",
     "BatchProfile",
+    "batch_profile",
     "build_engine",
     "build_engine_cached",
     "check_engine_key",
@@ -57,6 +67,7 @@ __all__ = [
     "profile_shapes",
     "read_cached_key",
     "tensorrt_available",
+    "timing_cache_path",
 ]
 
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
@@ -98,6 +109,11 @@ class BatchProfile:
             )
         return cls(min=1, opt=max(1, max_batch // 2), max=max_batch)
 
+    @classmethod
+    def fixed(cls, batch: int) -> BatchProfile:
+        """The profile of a graph exported with a fixed batch: exactly ``batch``."""
+        return cls(min=batch, opt=batch, max=batch)
+
     def describe(self) -> str:
         """The profile field of the engine key, e.g. ``"b1-4-8"``."""
         return f"b{self.min}-{self.opt}-{self.max}"
@@ -112,22 +128,51 @@ def _onnx_model(onnx_path: str | os.PathLike[str]) -> Any:
     return onnx.load(str(path), load_external_data=False)
 
 
+def _fixed_batches(model: Any) -> dict[str, int]:
+    """Graph inputs whose batch dimension (dimension 0) is fixed, with its size."""
+    fixed = {}
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if not dims or not dims[0].dim_param:
+            fixed[value.name] = int(dims[0].dim_value) if dims and dims[0].dim_value > 0 else 1
+    return fixed
+
+
+def batch_profile(onnx_path: str | os.PathLike[str], max_batch: int) -> BatchProfile:
+    """The profile an engine of ``onnx_path`` gets for ``max_batch``: batches 1 .. max_batch
+    when the batch dimension is dynamic; exactly N when the graph was exported with a fixed
+    batch N, which ``max_batch`` must then equal."""
+    profile = BatchProfile.from_max_batch(max_batch)
+    fixed = _fixed_batches(_onnx_model(onnx_path))
+    if not fixed:
+        return profile
+    if set(fixed.values()) != {max_batch}:
+        raise EngineBuildError(
+            f"{onnx_path}: input(s) with a fixed batch dimension {fixed}, so no profile up to "
+            f"batch {max_batch} fits. Fix: re-export with dynamic_batch=True (cops-export "
+            f"does), or use --max-batch {max(fixed.values())}."
+        )
+    return BatchProfile.fixed(max_batch)
+
+
 def profile_shapes(
     onnx_path: str | os.PathLike[str], profile: BatchProfile
 ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """Per graph input, the (min, opt, max) shapes of the profile: dimension 0 (symbolic in the
-    ONNX graph) takes the profile's batches, every other dimension must be fixed."""
+    ONNX graph) takes the profile's batches, every other dimension must be fixed; a fixed batch
+    N is accepted only by the profile N .. N (see :func:`batch_profile`)."""
     model = _onnx_model(onnx_path)
+    fixed = _fixed_batches(model)
     shapes = {}
     for value in model.graph.input:
         dims = value.type.tensor_type.shape.dim
-        if not dims or not dims[0].dim_param:
-            if profile.max > 1:
-                raise EngineBuildError(
-                    f"{onnx_path}: input {value.name!r} has a fixed batch dimension, so no "
-                    f"profile up to batch {profile.max} fits. Fix: re-export with "
-                    f"dynamic_batch=True (cops-export does), or use --max-batch 1."
-                )
+        if value.name in fixed and (profile.min, profile.max) != (fixed[value.name],) * 2:
+            raise EngineBuildError(
+                f"{onnx_path}: input {value.name!r} has a fixed batch dimension "
+                f"{fixed[value.name]}, so the profile {profile.describe()} does not fit. Fix: "
+                f"re-export with dynamic_batch=True (cops-export does), or use --max-batch "
+                f"{fixed[value.name]}."
+            )
         rest = []
         for i, d in enumerate(dims[1:], start=1):
             if d.dim_param or d.dim_value <= 0:
@@ -175,6 +220,19 @@ def _check_precision(onnx_path: str | os.PathLike[str], precision: str) -> None:
 # TensorRT version, GPU name and compute capability here, as the runtime reads them: one
 # definition for both sides, so an engine built here is accepted where the fields are equal.
 machine_fields = tensorrt_machine_fields
+
+
+def timing_cache_path(cache_dir: str | os.PathLike[str], machine: dict[str, str]) -> Path:
+    """The timing cache for ``machine`` in ``cache_dir``:
+    ``timing-trt<version>-<gpu>-sm<capability>.cache``. TensorRT rejects or ignores a timing
+    cache from another TensorRT build or device, so each keeps its own."""
+    fields = [
+        "trt" + str(machine["tensorrt_version"]),
+        str(machine["gpu_name"]),
+        "sm" + str(machine["compute_capability"]),
+    ]
+    slug = "-".join(re.sub(r"[^A-Za-z0-9.]+", "_", f).strip("_") for f in fields)
+    return Path(cache_dir) / f"timing-{slug}.cache"
 
 
 def engine_key(
@@ -259,16 +317,18 @@ def build_engine(
     """Build a TensorRT engine from ``onnx_path`` into ``engine_path``; returns its key.
 
     Strongly typed network (precision from the graph; ``precision`` must match it), ONNX parser
-    (external data resolved beside the file), one optimisation profile for batch 1 ..
-    ``max_batch``, and ``timing_cache`` read (when present) and written back.
+    (external data resolved beside the file), one optimisation profile (:func:`batch_profile`),
+    and ``timing_cache`` read (when present; EngineBuildError when TensorRT refuses it) and
+    written back. CUDA device ``device`` is selected before the builder is created.
     """
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    profile = BatchProfile.from_max_batch(max_batch)
+    profile = batch_profile(onnx_path, max_batch)
     shapes = profile_shapes(onnx_path, profile)
     _check_precision(onnx_path, precision)
     trt = import_tensorrt()
     key = engine_key(onnx_path, precision, profile, machine_fields(device))
-    logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
+    set_cuda_device(device)  # the builder and its timing run on the device the key names
+    logger = tensorrt_logger(verbose)
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
@@ -287,7 +347,13 @@ def build_engine(
     config.add_optimization_profile(opt_profile)
     cache_path = Path(timing_cache) if timing_cache is not None else None
     cache_bytes = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
-    config.set_timing_cache(config.create_timing_cache(cache_bytes), False)
+    cache = config.create_timing_cache(cache_bytes)
+    if cache is None or not config.set_timing_cache(cache, False):
+        raise EngineBuildError(
+            f"TensorRT {trt.__version__} refused the timing cache {cache_path} "
+            f"({len(cache_bytes)} bytes: corrupt, or written by another TensorRT build or GPU). "
+            f"Fix: delete {cache_path} (it only speeds up builds) and build again."
+        )
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineBuildError(
@@ -313,20 +379,22 @@ def build_engine_cached(
 ) -> tuple[Path, EngineKey]:
     """An engine for ``onnx_path`` from ``cache_dir``, built there when absent (or ``force``).
 
-    The timing cache is ``cache_dir/timing.cache``. Returns (engine path, key).
+    The timing cache is ``cache_dir``'s one for this TensorRT version and GPU
+    (:func:`timing_cache_path`). Returns (engine path, key).
     """
     onnx_path, cache_dir = Path(onnx_path), Path(cache_dir)
-    profile = BatchProfile.from_max_batch(max_batch)
+    profile = batch_profile(onnx_path, max_batch)
     _check_precision(onnx_path, precision)
     import_tensorrt()
-    key = engine_key(onnx_path, precision, profile, machine_fields(device))
+    machine = machine_fields(device)
+    key = engine_key(onnx_path, precision, profile, machine)
     path = engine_cache_path(cache_dir, key, stem, _weights_digest(onnx_path))
     cached = read_cached_key(path)
     if cached is not None and not force:
         rebuild = f"cops-export --engine trt --engine-cache {cache_dir} --rebuild-engines"
         check_engine_key(cached, key, str(path), rebuild)
         return path, cached
-    build_kwargs.setdefault("timing_cache", cache_dir / "timing.cache")
+    build_kwargs.setdefault("timing_cache", timing_cache_path(cache_dir, machine))
     built = build_engine(onnx_path, path, precision, max_batch, device=device, **build_kwargs)
     atomic_write_bytes(_key_path(path), json.dumps(built.to_dict(), sort_keys=True).encode())
     return path, built

@@ -226,3 +226,25 @@ def test_full_size_restructuring_exact(request):
         out = DeployModel(model, attn_impl="explicit")(image)
     assert maxdiff(out.pred_score, ref.pred_score) < TOL
     assert maxdiff(out.anomaly_map, ref.anomaly_map) < TOL
+
+
+@pytest.mark.parametrize("attn_impl", ["explicit", "sdpa"])
+def test_graphs_build_and_run_on_the_model_device(attn_impl):
+    """A model moved to another device (``meta`` stands in for CUDA) builds its deploy graphs
+    there: every constant (prompt masks, EOT rows, the folding inputs) on the weights' device,
+    and a forward pass meets no CPU tensor (gpu_check builds DeployModel after .to("cuda"))."""
+    from cops_deploy.export.fp16 import to_fp16
+
+    model = create_model("cops-tiny", seed=0).to("meta")
+    deploy = DeployModel(model, attn_impl=attn_impl).eval()
+    tensors = [*deploy.buffers(), *deploy.parameters()]
+    assert {t.device.type for t in tensors} == {"meta"}
+    s = model.cfg.vision.input_size
+    images = torch.empty(2, 3, s, s, device="meta")
+    with torch.no_grad():
+        out = deploy(images)
+        deploy.vision, deploy.head = to_fp16(deploy.vision), to_fp16(deploy.head)
+        half = deploy(images)
+    for o in (out, half):
+        assert o.anomaly_map.device.type == "meta" and o.anomaly_map.shape == (2, s, s)
+        assert o.pred_score.shape == (2,) and o.pred_score.dtype == torch.float32

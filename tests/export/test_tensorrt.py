@@ -28,6 +28,7 @@ from cops_deploy.export import tensorrt as trt_build
 from cops_deploy.export.tensorrt import (
     TRT_INSTALL,
     BatchProfile,
+    batch_profile,
     build_engine,
     build_engine_cached,
     check_engine_key,
@@ -37,7 +38,9 @@ from cops_deploy.export.tensorrt import (
     onnx_precision,
     profile_shapes,
     read_cached_key,
+    timing_cache_path,
 )
+from cops_deploy.runtime.backends import tensorrt as trt_runtime
 from cops_deploy.runtime.bundle import sha256_file
 from cops_deploy.runtime.manifest import EngineKey
 
@@ -98,6 +101,20 @@ def test_profile_shapes_fixed_batch(tmp_path):
     with pytest.raises(EngineBuildError, match="fixed batch dimension"):
         profile_shapes(path, BatchProfile.from_max_batch(4))
     assert profile_shapes(path, BatchProfile.from_max_batch(1)) == {"x": ((1, 4),) * 3}
+
+
+def test_fixed_batch_other_than_one_gets_its_own_profile(tmp_path):
+    """A graph exported with a fixed batch N builds with the profile N .. N (not 1 .. N, which
+    TensorRT rejects for a fixed dimension), and its key says so."""
+    path = make_onnx(tmp_path / "g.onnx", batch=2)
+    profile = batch_profile(path, 2)
+    assert profile == BatchProfile(2, 2, 2) and profile.describe() == "b2-2-2"
+    assert profile_shapes(path, profile) == {"x": ((2, 4),) * 3}
+    with pytest.raises(EngineBuildError, match=r"fixed batch dimension.*--max-batch 2"):
+        batch_profile(path, 8)
+    with pytest.raises(EngineBuildError, match=r"fixed batch dimension 2.*b1-1-2"):
+        profile_shapes(path, BatchProfile.from_max_batch(2))
+    assert batch_profile(make_onnx(tmp_path / "d.onnx"), 8) == BatchProfile(1, 4, 8)
 
 
 def test_profile_shapes_refuses_other_dynamic_dims(tmp_path):
@@ -228,6 +245,8 @@ class FakeTensorRT(types.ModuleType):
         super().__init__("tensorrt")
         self.__version__ = "10.13.0"
         self.calls: list[tuple] = []
+        self.loggers: list[object] = []
+        self.cudart = FakeCudart()
         self.fail_parse = fail_parse
         fake = self
 
@@ -236,6 +255,7 @@ class FakeTensorRT(types.ModuleType):
 
             def __init__(self, level):
                 fake.calls.append(("logger", level))
+                self.min_severity = level
 
         class NetworkDefinitionCreationFlag:
             STRONGLY_TYPED = 5
@@ -263,6 +283,7 @@ class FakeTensorRT(types.ModuleType):
             def set_timing_cache(self, cache, ignore_mismatch):
                 fake.calls.append(("timing_cache_in", cache.data, ignore_mismatch))
                 self.cache = cache
+                return not cache.data.startswith(b"foreign")  # TensorRT: False when refused
 
             def get_timing_cache(self):
                 return self.cache
@@ -276,7 +297,8 @@ class FakeTensorRT(types.ModuleType):
 
         class Builder:
             def __init__(self, logger):
-                pass
+                fake.calls.append(("builder_on_device", fake.cudart.current()))
+                fake.loggers.append(logger)
 
             def create_network(self, flags):
                 fake.calls.append(("network_flags", flags))
@@ -310,11 +332,31 @@ class FakeTensorRT(types.ModuleType):
         self.MemoryPoolType = MemoryPoolType
 
 
+class FakeCudart:
+    """cudaSetDevice with CUDA's per-thread current device (what build_engine must set)."""
+
+    class cudaError_t:  # noqa: N801 - cuda-python's names
+        cudaSuccess = 0
+
+    def __init__(self) -> None:
+        import threading
+
+        self.local = threading.local()
+
+    def current(self) -> int:
+        return getattr(self.local, "device", 0)
+
+    def cudaSetDevice(self, device):  # noqa: N802
+        self.local.device = device
+        return (0,)
+
+
 @pytest.fixture
 def fake_trt(monkeypatch):
     fake = FakeTensorRT()
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
     monkeypatch.setattr(trt_build, "machine_fields", lambda device=0: dict(MACHINE))
+    monkeypatch.setattr(trt_runtime, "import_cudart", lambda: fake.cudart)
     return fake
 
 
@@ -335,6 +377,60 @@ def test_build_engine_flow(fake_trt, tmp_path):
     assert ("timing_cache_in", b"+timed", False) in fake_trt.calls  # the cache is read back
 
 
+def test_build_engine_selects_the_device_before_the_builder(fake_trt, tmp_path):
+    """CUDA's current device is per thread: the builder (and the engine it times) must be on
+    the device the key names, whatever the thread had selected."""
+    onnx_path = make_onnx(tmp_path / "g.onnx")
+    build_engine(onnx_path, tmp_path / "g.engine", "fp32", 2, device=1)
+    assert ("builder_on_device", 1) in fake_trt.calls
+    build_engine(onnx_path, tmp_path / "g.engine", "fp32", 2, device=0)
+    assert fake_trt.calls.count(("builder_on_device", 0)) == 1
+
+
+def test_build_engine_reuses_one_logger(fake_trt, tmp_path):
+    """TensorRT keeps the first logger for the process: one logger, its level changed."""
+    onnx_path = make_onnx(tmp_path / "g.onnx")
+    build_engine(onnx_path, tmp_path / "a.engine", "fp32", 2)
+    build_engine(onnx_path, tmp_path / "b.engine", "fp32", 2, verbose=True)
+    assert len(fake_trt.loggers) == 2 and fake_trt.loggers[0] is fake_trt.loggers[1]
+    assert [c for c in fake_trt.calls if c[0] == "logger"] == [("logger", "warning")]
+    assert fake_trt.loggers[0].min_severity == "verbose"
+    build_engine(onnx_path, tmp_path / "c.engine", "fp32", 2)
+    assert fake_trt.loggers[0].min_severity == "warning"
+
+
+def test_refused_timing_cache_is_an_error(fake_trt, tmp_path):
+    """set_timing_cache's result is checked: a cache TensorRT refuses is not silently dropped."""
+    timing = tmp_path / "timing.cache"
+    timing.write_bytes(b"foreign build")
+    with pytest.raises(EngineBuildError, match=r"refused the timing cache .*Fix: delete"):
+        build_engine(make_onnx(tmp_path / "g.onnx"), tmp_path / "g.engine", "fp32", 2, timing)
+    assert not (tmp_path / "g.engine").exists()
+
+
+def test_timing_cache_is_keyed_by_tensorrt_and_gpu(tmp_path):
+    base = timing_cache_path(tmp_path, MACHINE)
+    assert base == tmp_path / "timing-trt10.13.0-NVIDIA_H200-sm9.0.cache"
+    others = {
+        timing_cache_path(tmp_path, {**MACHINE, field: value})
+        for field, value in (
+            ("tensorrt_version", "10.3.0"),
+            ("gpu_name", "NVIDIA A100-SXM4-80GB"),
+            ("compute_capability", "8.0"),
+        )
+    }
+    assert len(others) == 3 and base not in others
+    assert all(p.parent == tmp_path for p in others)  # no separator leaks from a GPU name
+    odd = timing_cache_path(tmp_path, {**MACHINE, "gpu_name": "../GPU/x"})
+    assert odd.parent == tmp_path
+
+
+def test_build_engine_fixed_batch_profile(fake_trt, tmp_path):
+    key = build_engine(make_onnx(tmp_path / "g.onnx", batch=2), tmp_path / "g.engine", "fp32", 2)
+    assert ("profile", {"x": ((2, 4), (2, 4), (2, 4))}) in fake_trt.calls
+    assert key.profile == "b2-2-2"
+
+
 def test_build_engine_parser_errors(fake_trt, tmp_path):
     fake_trt.fail_parse = True
     with pytest.raises(EngineBuildError, match="parser rejected .*unsupported op Foo"):
@@ -347,7 +443,7 @@ def test_engine_cache_reuse_and_force(fake_trt, tmp_path):
     cache = tmp_path / "cache"
     path, key = build_engine_cached(onnx_path, cache, "head", "fp16", 4)
     assert path.parent == cache and path.name.startswith("head-fp16-")
-    assert read_cached_key(path) == key and (cache / "timing.cache").is_file()
+    assert read_cached_key(path) == key and timing_cache_path(cache, MACHINE).is_file()
     builds = fake_trt.calls.count(("build",))
     again, key2 = build_engine_cached(onnx_path, cache, "head", "fp16", 4)
     assert (again, key2) == (path, key) and fake_trt.calls.count(("build",)) == builds
@@ -371,23 +467,113 @@ def test_engine_cache_refuses_a_mismatched_key(fake_trt, tmp_path):
         build_engine_cached(onnx_path, cache, "vision", "fp32", 2)
 
 
+# ------------------------------------------------------------------- packaging (CPU)
+
+
+def test_trt_extra_keeps_cuda_python_on_cuda_12():
+    """cuda-python 13 binds CUDA 13 and fails with 'insufficient driver' (error 35) where
+    TensorRT's CUDA 12 wheels run: the [trt] extra must not let pip take it."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    extra = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]["trt"]
+    reqs = {Requirement(r).name: Requirement(r).specifier for r in extra}
+    assert {"tensorrt", "cuda-python"} <= reqs.keys()
+    cuda = reqs["cuda-python"]
+    assert all(v in cuda for v in ("12.0.0", "12.6.2", "12.9.1"))
+    assert not any(v in cuda for v in ("13.0.0", "13.0.3", "13.1.0", "14.0"))
+
+
 # ------------------------------------------------------------------------------ real TensorRT
+# Build the tiny engines the way users do (cops-export, whose engine stage is build_engine),
+# run them, and compare every output with ONNX Runtime (CPU) on the same bundle's graphs.
+# They skip only where TensorRT or cuda-python is not installed or no CUDA device exists;
+# any other trouble (a driver too old for the bindings, a build failure) fails.
+
+TRT_TOL = {"fp32": 2e-3, "fp16": 1e-2}  # fp32: TF32 is on by default in TensorRT builds
 
 
 def _require_tensorrt_gpu():
     try:
         import_tensorrt()
+        cudart = trt_runtime.import_cudart()
     except MissingDependencyError as exc:
-        pytest.skip(f"TensorRT is not importable here: {exc}")
+        pytest.skip(f"TensorRT or cuda-python is not installed here: {exc}")
+    err, count = cudart.cudaGetDeviceCount()
+    if err == cudart.cudaError_t.cudaErrorNoDevice:
+        pytest.skip("cuda-python sees no CUDA device (cudaErrorNoDevice)")
+    assert err == cudart.cudaError_t.cudaSuccess, f"cudaGetDeviceCount failed: {err!r}"
+    assert count >= 1
+
+
+def _run_both(root: Path, n: int = 3) -> tuple[dict, dict]:
+    """(TensorRT outputs, ONNX Runtime CPU outputs) of a bundle on ``n`` synthetic images."""
+    from cops_deploy.configs import config_from_dict
+    from cops_deploy.export.onnx_export import run_onnxruntime, synthetic_images
+    from cops_deploy.runtime.backends.tensorrt import TensorRTBackend
+    from cops_deploy.runtime.bundle import open_bundle
+
+    bundle = open_bundle(root)
+    assert set(bundle.manifest.engines) == {"vision.engine", "head.engine"}
+    cfg = config_from_dict(bundle.manifest.model_config)
+    images = synthetic_images(cfg, n=n, seed=5).numpy()
+    vision, head = TensorRTBackend.open_pair(bundle)
     try:
-        trt_build.machine_fields()
-    except Exception as exc:  # no GPU, no cuda-python, driver trouble: all mean skip here
-        pytest.skip(f"no usable NVIDIA GPU for TensorRT: {exc}")
+        emb = vision.infer({"image": images})
+        got = {**emb, **head.infer(emb)}
+    finally:
+        vision.deactivate()
+        head.deactivate()
+    graphs = {g: root / bundle.manifest.graphs[g].file for g in ("vision", "head")}
+    ref = run_onnxruntime(graphs["vision"], {"image": images})
+    ref.update(run_onnxruntime(graphs["head"], ref))
+    return got, ref
 
 
 @pytest.mark.trt
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_build_tiny_engines(precision, tmp_path):
+def test_cops_export_engines_run_and_match_onnxruntime(precision, tmp_path):
+    """cops-export --engine trt (export + build_engine in one go), then run both engines."""
+    _require_tensorrt_gpu()
+    from cops_deploy.cli.export import main as cops_export
+
+    out = tmp_path / "bundle"
+    args = ["--model", "cops-tiny", "--random-weights", "--precision", precision]
+    args += ["--engine", "trt", "--max-batch", "4", "--engine-cache", str(tmp_path / "cache")]
+    assert cops_export([*args, "--out", str(out)]) == 0
+    got, ref = _run_both(out)
+    for name, value in ref.items():
+        assert got[name].dtype == np.float32 and got[name].shape == value.shape, name
+        np.testing.assert_allclose(got[name], value, atol=TRT_TOL[precision], err_msg=name)
+    machine = trt_build.machine_fields()
+    assert timing_cache_path(tmp_path / "cache", machine).is_file()
+
+
+@pytest.mark.trt
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_engines_added_to_a_bundle_run_and_match_onnxruntime(precision, tmp_path):
+    """cops-export --engine onnx, then cops-export --engine trt --bundle (add_engines ->
+    build_engine_cached -> build_engine), and the engines run at batch 1 and the profile max."""
+    _require_tensorrt_gpu()
+    from cops_deploy.cli.export import main as cops_export
+
+    out = tmp_path / "bundle"
+    base = ["--model", "cops-tiny", "--random-weights", "--precision", precision]
+    assert cops_export([*base, "--engine", "onnx", "--out", str(out)]) == 0
+    cache = ["--engine-cache", str(tmp_path / "cache"), "--max-batch", "4"]
+    assert cops_export(["--engine", "trt", "--bundle", str(out), *cache]) == 0
+    for n in (1, 4):
+        got, ref = _run_both(out, n)
+        for name, value in ref.items():
+            np.testing.assert_allclose(got[name], value, atol=TRT_TOL[precision], err_msg=name)
+
+
+@pytest.mark.trt
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_build_engine_tiny_graphs(precision, tmp_path):
+    """build_engine itself: the engine's I/O names, float32 I/O dtypes and profile."""
     _require_tensorrt_gpu()
     from cops_deploy import create_model
     from cops_deploy.export.fp16 import to_fp16
@@ -395,14 +581,17 @@ def test_build_tiny_engines(precision, tmp_path):
     from cops_deploy.export.onnx_export import export_onnx
 
     model = create_model("cops-tiny", seed=0)
+    trt = import_tensorrt()
     for name, graph in (("vision", VisionGraph(model)), ("head", HeadGraph(model))):
         graph = to_fp16(graph) if precision == "fp16" else graph
         onnx_path = export_onnx(graph, tmp_path / f"{name}.onnx", example_inputs(name, model.cfg))
-        path, key = build_engine_cached(onnx_path, tmp_path / "cache", name, precision, 4)
-        assert path.stat().st_size > 0
+        key = build_engine(onnx_path, tmp_path / f"{name}.engine", precision, 4)
         assert key.precision == precision and key.profile == "b1-2-4"
-        trt = import_tensorrt()
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        runtime = trt.Runtime(trt_runtime.tensorrt_logger())
+        engine = runtime.deserialize_cuda_engine((tmp_path / f"{name}.engine").read_bytes())
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         assert set(names) == set(graph.input_names) | set(graph.output_names)
+        for tensor in names:
+            assert engine.get_tensor_dtype(tensor) == trt.DataType.FLOAT, tensor
+        first = graph.input_names[0]
+        assert [s[0] for s in engine.get_tensor_profile_shape(first, 0)] == [1, 2, 4]

@@ -395,8 +395,16 @@ class _FakeCudart:
         cudaMemcpyDeviceToHost = 2
 
     def __init__(self) -> None:
+        import threading
+
         self.memory: dict[int, np.ndarray] = {}
         self.copies: list[int] = []
+        self.local = threading.local()  # CUDA's current device is per host thread
+        self.malloc_devices: list[int] = []
+        self.free_devices: list[int] = []
+
+    def current(self) -> int:
+        return getattr(self.local, "device", 0)
 
     def cudaGetDeviceProperties(self, device: int):
         props = type("Props", (), {"name": b"NVIDIA H200\x00\x00", "major": 9, "minor": 0})
@@ -406,10 +414,11 @@ class _FakeCudart:
         return 0, b"fake error"
 
     def cudaSetDevice(self, device: int):
+        self.local.device = device
         return (0,)
 
     def cudaStreamCreate(self):
-        return 0, 7
+        return 0, _FakeStream(7)
 
     def cudaStreamDestroy(self, stream: int):
         return (0,)
@@ -418,11 +427,13 @@ class _FakeCudart:
         return (0,)
 
     def cudaMalloc(self, nbytes: int):
+        self.malloc_devices.append(self.current())
         buf = np.zeros(nbytes, np.uint8)
         self.memory[buf.ctypes.data] = buf
         return 0, buf.ctypes.data
 
     def cudaFree(self, ptr: int):
+        self.free_devices.append(self.current())
         del self.memory[ptr]
         return (0,)
 
@@ -432,6 +443,34 @@ class _FakeCudart:
         ctypes.memmove(dst, src, count)
         self.copies.append(kind)
         return (0,)
+
+
+class _FakeStream:
+    """A cudaStream_t whose int() is refused (deprecated in cuda-bindings 13): TensorRT must get
+    the native handle through cuda.bindings.utils.get_cuda_native_handle."""
+
+    def __init__(self, handle: int) -> None:
+        self.handle = handle
+
+    def __int__(self) -> int:
+        raise AssertionError("int(stream) is deprecated: use get_cuda_native_handle")
+
+
+@pytest.fixture
+def native_handles(monkeypatch) -> list[int]:
+    """A fake cuda.bindings.utils whose get_cuda_native_handle records the handles it gives."""
+    import types
+
+    given: list[int] = []
+
+    def get_cuda_native_handle(obj: _FakeStream) -> int:
+        given.append(obj.handle)
+        return obj.handle
+
+    utils = types.ModuleType("cuda.bindings.utils")
+    utils.get_cuda_native_handle = get_cuda_native_handle
+    monkeypatch.setitem(sys.modules, "cuda.bindings.utils", utils)
+    return given
 
 
 def _fake_tensorrt(cudart: _FakeCudart, graphs: Path) -> Any:
@@ -459,7 +498,7 @@ def _fake_tensorrt(cudart: _FakeCudart, graphs: Path) -> Any:
             return [(1, *rest), (2, *rest), (4, *rest)]
 
         def get_tensor_dtype(self, name: str) -> str:
-            return "float"
+            return fake.dtypes.get(name, "float")
 
         def create_execution_context(self) -> Context:
             return Context(self)
@@ -472,8 +511,9 @@ def _fake_tensorrt(cudart: _FakeCudart, graphs: Path) -> Any:
             self.shapes[name], self.results = tuple(shape), None
             return True
 
-        def set_tensor_address(self, name: str, ptr: int) -> None:
+        def set_tensor_address(self, name: str, ptr: int) -> bool:
             self.addresses[name] = ptr
+            return name not in fake.refuse_address
 
         def _run(self) -> dict[str, np.ndarray]:
             if self.results is None:
@@ -490,28 +530,42 @@ def _fake_tensorrt(cudart: _FakeCudart, graphs: Path) -> Any:
             return self._run()[name].shape
 
         def execute_async_v3(self, stream: int) -> bool:
+            assert isinstance(stream, int) and stream == 7, stream  # the native handle
+            fake.run_devices.append(cudart.current())
             for name, value in self._run().items():
                 ctypes.memmove(self.addresses[name], value.ctypes.data, value.nbytes)
             return True
 
     class Runtime:
-        def __init__(self, logger: object) -> None: ...
+        def __init__(self, logger: object) -> None:
+            fake.runtime_loggers.append(logger)
 
         def deserialize_cuda_engine(self, data: bytes) -> Engine:
             return Engine(data.decode().strip())  # the fake engine file holds its graph name
 
-    return types.SimpleNamespace(
+    class Logger:
+        WARNING, VERBOSE = 2, 4
+
+        def __init__(self, level: int) -> None:
+            self.min_severity = level
+
+    fake = types.SimpleNamespace(
         __version__="10.13.0",
-        Logger=type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None}),
+        Logger=Logger,
         Runtime=Runtime,
         TensorIOMode=types.SimpleNamespace(INPUT="input"),
-        nptype=lambda dtype: np.float32,
+        nptype=lambda dtype: {"float": np.float32, "half": np.float16}[dtype],
+        dtypes={},  # tensor name -> engine dtype (default "float")
+        refuse_address=set(),  # tensor names whose set_tensor_address returns False
+        run_devices=[],
+        runtime_loggers=[],
     )
+    return fake
 
 
-def test_tensorrt_backend_control_flow_with_fakes(
-    monkeypatch, tmp_path: Path, tiny_graphs: Path, images, ort_outputs
-) -> None:
+@pytest.fixture
+def fake_engines(monkeypatch, tmp_path: Path, tiny_graphs: Path, native_handles) -> tuple:
+    """(bundle, fake cudart, fake tensorrt): a bundle whose engines the fakes run with ORT."""
     from cops_tiny_bundle import write_tiny_bundle
 
     root = write_tiny_bundle(tmp_path / "b", tiny_graphs, torch_weights=False, engines=True)
@@ -522,6 +576,13 @@ def test_tensorrt_backend_control_flow_with_fakes(
     fake = _fake_tensorrt(cudart, tiny_graphs)
     monkeypatch.setattr(trt_runtime, "import_tensorrt", lambda: fake)
     monkeypatch.setattr(trt_runtime, "import_cudart", lambda: cudart)
+    return bundle, cudart, fake
+
+
+def test_tensorrt_backend_control_flow_with_fakes(
+    fake_engines, native_handles, images, ort_outputs
+) -> None:
+    bundle, cudart, fake = fake_engines
     with TensorRTBackend(bundle, "vision") as vision, TensorRTBackend(bundle, "head") as head:
         assert vision.provider == "NVIDIA H200" and vision.max_batch == 4
         emb = vision.infer({"image": images})
@@ -533,6 +594,50 @@ def test_tensorrt_backend_control_flow_with_fakes(
     for name, ref in ort_outputs.items():
         np.testing.assert_allclose(out[name], ref, atol=1e-6, err_msg=name)
     np.testing.assert_allclose(out2["anomaly_map"], ort_outputs["anomaly_map"][:1], atol=1e-6)
+    assert native_handles == [7] * len(fake.run_devices) and len(fake.run_devices) == 4
+    # TensorRT keeps the first logger for the process: both runtimes get the same one
+    assert len(fake.runtime_loggers) == 2 and fake.runtime_loggers[0] is fake.runtime_loggers[1]
+
+
+def test_tensorrt_infer_from_another_thread_stays_on_its_device(
+    fake_engines, images, native_handles
+) -> None:
+    """CUDA's current device is per thread: activate on device 1 in this thread, infer from a
+    worker thread (whose current device is 0): every allocation, run and free is on device 1."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bundle, cudart, fake = fake_engines
+    vision = TensorRTBackend(bundle, "vision", device=1)
+    vision.activate()
+    cudart.cudaSetDevice(0)  # this thread moves on to another device
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(vision.infer, {"image": images}).result()
+        pool.submit(vision.deactivate).result()
+    assert cudart.malloc_devices and set(cudart.malloc_devices) == {1}
+    assert fake.run_devices == [1] and set(cudart.free_devices) == {1}
+    assert native_handles == [7] and cudart.memory == {}
+
+
+def test_tensorrt_refused_tensor_address_is_an_error(fake_engines, images) -> None:
+    bundle, _, fake = fake_engines
+    fake.refuse_address.add("patch_embedding")
+    with TensorRTBackend(bundle, "vision") as vision:
+        with pytest.raises(CopsError, match=r"refused the device address of tensor 'patch_emb"):
+            vision.infer({"image": images})
+    fake.refuse_address.clear()
+    fake.refuse_address.add("image")
+    with TensorRTBackend(bundle, "vision") as vision:
+        with pytest.raises(CopsError, match=r"tensor 'image'.*set_tensor_address returned False"):
+            vision.infer({"image": images})
+
+
+def test_tensorrt_engine_dtypes_are_checked_against_the_bundle(fake_engines) -> None:
+    bundle, _, fake = fake_engines
+    fake.dtypes["image"] = "half"  # an engine built with float16 I/O
+    backend = TensorRTBackend(bundle, "vision")
+    with pytest.raises(BundleError, match=r"tensor 'image' as float16.*declares float32.*--force"):
+        backend.activate()
+    assert not backend.is_active
 
 
 def test_old_tensorrt_is_refused(monkeypatch) -> None:

@@ -11,6 +11,12 @@ Bundle files used: the engines ``vision.engine`` / ``head.engine`` with their ke
 ``manifest.engines``, and the hashes of the bundle's ONNX graphs. One execution context, one
 CUDA stream and reused device buffers per backend, so ``infer`` calls are serialised.
 ``tensorrt`` and ``cuda-python`` are imported by ``activate()`` only.
+
+CUDA's current device is per host thread, so every call that touches device memory (activate,
+infer, deactivate) selects the backend's device first: ``infer`` from another thread still runs
+on device N. TensorRT keeps the first logger it is given for the whole process, so both sides
+share one (:func:`tensorrt_logger`). Streams reach TensorRT as their native handle
+(:func:`cuda_native_handle`; ``int(stream)`` is deprecated in cuda-bindings 13).
 """
 
 from __future__ import annotations
@@ -32,10 +38,13 @@ __all__ = [
     "TRT_INSTALL",
     "TensorRTBackend",
     "check_engine_key",
+    "cuda_native_handle",
     "engine_name",
     "expected_engine_key",
     "import_cudart",
     "import_tensorrt",
+    "set_cuda_device",
+    "tensorrt_logger",
     "tensorrt_machine_fields",
 ]
 
@@ -81,6 +90,43 @@ def import_cudart() -> Any:
                 f"installed ({exc}). Fix: {TRT_INSTALL}."
             ) from exc
     return cudart
+
+
+# TensorRT uses the first logger it is given for the whole process (later ones are ignored), so
+# there is exactly one per tensorrt module; its level is set through ``min_severity``.
+_LOGGER: tuple[Any, Any] | None = None  # (tensorrt module, its logger)
+
+
+def tensorrt_logger(verbose: bool = False) -> Any:
+    """The process's one ``tensorrt.Logger``, set to VERBOSE or WARNING level."""
+    global _LOGGER
+    trt = import_tensorrt()
+    level = trt.Logger.VERBOSE if verbose else trt.Logger.WARNING
+    if _LOGGER is None or _LOGGER[0] is not trt:
+        _LOGGER = (trt, trt.Logger(level))
+    logger = _LOGGER[1]
+    logger.min_severity = level
+    return logger
+
+
+def cuda_native_handle(obj: Any) -> int:
+    """The native handle (address) of a cuda-python object such as a ``cudaStream_t``.
+
+    cuda-bindings >= 12.9 provide ``cuda.bindings.utils.get_cuda_native_handle`` (``int(obj)`` is
+    deprecated from 13 on); older cuda-python, which has no accessor, documents ``int(obj)``.
+    """
+    try:
+        from cuda.bindings.utils import get_cuda_native_handle
+    except ImportError:
+        return int(obj)
+    return int(get_cuda_native_handle(obj))
+
+
+def set_cuda_device(device: int) -> None:
+    """Make CUDA device ``device`` current in the calling thread (CUDA's current device is per
+    thread); CopsError naming the device when CUDA refuses it."""
+    cudart = import_cudart()
+    _cuda(cudart, cudart.cudaSetDevice(device), f"cudaSetDevice({device})")
 
 
 def _cuda(cudart: Any, result: Any, what: str) -> Any:
@@ -231,8 +277,8 @@ class TensorRTBackend(Backend):
         machine = tensorrt_machine_fields(self.device)
         key = expected_engine_key(self.bundle, self.name, machine)
         path = self.bundle.check_engine_key(key, engine_name(self.name))
-        _cuda(cudart, cudart.cudaSetDevice(self.device), f"cudaSetDevice({self.device})")
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        set_cuda_device(self.device)
+        runtime = trt.Runtime(tensorrt_logger())
         engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
             raise BundleError(
@@ -244,6 +290,15 @@ class TensorRTBackend(Backend):
         inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if n not in inputs]
         check_io_names("TensorRT engine", path, self.graph, inputs, outputs)
+        for spec in (*self.graph.inputs, *self.graph.outputs):
+            got = np.dtype(trt.nptype(engine.get_tensor_dtype(spec.name))).name
+            if got != spec.dtype:
+                raise BundleError(
+                    f"TensorRT engine {path} has tensor {spec.name!r} as {got}; the bundle's "
+                    f"{self.name} graph declares {spec.dtype}. Fix: rebuild the engine from the "
+                    f"bundle's ONNX graph (`cops-export --engine trt --bundle {self.bundle.root} "
+                    f"--force`), or use backend='onnxruntime'."
+                )
         context = engine.create_execution_context()
         if context is None:
             raise CopsError(
@@ -261,6 +316,8 @@ class TensorRTBackend(Backend):
     def _deactivate(self) -> None:
         cudart = self._cudart
         try:
+            if self._buffers or self._stream is not None:
+                set_cuda_device(self.device)  # free on the device they live on
             for ptr, _ in self._buffers.values():
                 _cuda(cudart, cudart.cudaFree(ptr), "cudaFree")
             if self._stream is not None:
@@ -281,6 +338,14 @@ class TensorRTBackend(Backend):
             self._buffers[name] = (ptr, nbytes)
         return ptr
 
+    def _set_address(self, name: str, ptr: int) -> None:
+        if not self._context.set_tensor_address(name, ptr):
+            raise CopsError(
+                f"TensorRT refused the device address of tensor {name!r} of engine {self.path} "
+                f"(set_tensor_address returned False: misaligned or unknown name). Fix: "
+                f"rebuild the engine, or use backend='onnxruntime'."
+            )
+
     def _set_input(self, name: str, array: np.ndarray) -> None:
         lo, _, hi = (tuple(s) for s in self._engine.get_tensor_profile_shape(name, 0))
         if not all(a <= s <= b for a, s, b in zip(lo, array.shape, hi, strict=True)):
@@ -297,10 +362,11 @@ class TensorRTBackend(Backend):
             ptr, array.ctypes.data, array.nbytes, h2d, self._stream
         )
         _cuda(self._cudart, result, f"cudaMemcpyAsync({name} to device)")
-        self._context.set_tensor_address(name, ptr)
+        self._set_address(name, ptr)
 
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         trt, cudart = self._trt, self._cudart
+        set_cuda_device(self.device)  # the current device is per thread: infer may be another
         for name, array in feed.items():
             self._set_input(name, array)
         host: dict[str, np.ndarray] = {}
@@ -309,8 +375,8 @@ class TensorRTBackend(Backend):
             dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(name)))
             host[name] = np.empty(shape, dtype=dtype)
             ptr = self._buffer(name, max(host[name].nbytes, 1))
-            self._context.set_tensor_address(name, ptr)
-        if not self._context.execute_async_v3(int(self._stream)):
+            self._set_address(name, ptr)
+        if not self._context.execute_async_v3(cuda_native_handle(self._stream)):
             raise CopsError(
                 f"TensorRT execute_async_v3 failed for graph {self.name!r} ({self.path}); see "
                 f"the TensorRT log above. Fix: rebuild the engine, or use backend='onnxruntime'."
