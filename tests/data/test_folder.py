@@ -202,3 +202,10 @@ def test_a_shared_mask_folder_refuses_images_of_one_name_in_two_folders(tmp_path
 def test_a_root_that_is_not_a_folder_is_refused(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=r"--root .*nothing is not a folder"):
         build_folder_meta(tmp_path / "nothing", _cfg())
+
+
+def test_a_mask_without_image_alone_is_refused(tmp_path: Path) -> None:
+    _tree(tmp_path)
+    _mask(tmp_path / "masks" / "crack" / "c3_mask.png")
+    with pytest.raises(DatasetError, match=r"Images without a mask \(0\): none.*\(1\): c3_mask"):
+        build_folder_meta(tmp_path, _cfg())
