@@ -17,7 +17,6 @@ imports the preset table (PyTorch side) only when a preset is asked for.
 from __future__ import annotations
 
 import argparse
-import math
 from typing import Any, Protocol
 
 __all__ = [
@@ -58,8 +57,8 @@ def unit_weight(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:  # NaN fails the comparison too
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a weight; valid: a number in [0, 1], e.g. 0.3"
         )
