@@ -55,7 +55,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--model", help="architecture (default: the one saved with --weights, else the paper's)"
     )
-    add_head_arguments(p, preset_default="paper")
+    add_head_arguments(p, preset_default="paper", reads_dataset=True)
     p.add_argument("--force", action="store_true", help="replace the results in a non-empty --out")
     p.set_defaults(func=run)
     return p

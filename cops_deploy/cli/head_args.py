@@ -5,8 +5,8 @@ One definition, so the three commands mean and check the same thing:
 
 - ``--preset``: the head values of :func:`cops_deploy.evaluate.evaluator.preset_head` (paper:
   alpha 0.3, beta 0.9, kernel 5; reference: the reference test script's 0.26, 0.9, 5, or 0.35,
-  1.0, 3 when the target dataset is VisA; a command without a dataset, predict or export, takes
-  the non-VisA values);
+  1.0, 3 when the target dataset is VisA; a command without ``--dataset``, predict or export,
+  takes the values for any dataset but VisA, and says in its help how to get VisA's);
 - ``--alpha`` / ``--beta`` / ``--kernel``: replace one value of the preset (or, without a preset,
   of the model's config). Alpha and beta are weights in [0, 1]; the kernel is an odd size >= 1.
 
@@ -39,10 +39,12 @@ HEAD_FLAGS: dict[str, str] = {
     "beta": "head.beta",
     "kernel": "head.neighbour_kernel",
 }
-_PRESET_HELP = (
-    "head values: paper (alpha 0.3, beta 0.9, kernel 5) or reference (the reference test "
-    "script: 0.26, 0.9, 5; on VisA 0.35, 1.0, 3)"
-)
+_PAPER_HELP = "head values: paper (alpha 0.3, beta 0.9, kernel 5) or reference (the reference "
+_REFERENCE_HELP = {
+    True: "test script: 0.26, 0.9, 5, and 0.35, 1.0, 3 with --dataset visa)",
+    False: "test script's values for any dataset but VisA: 0.26, 0.9, 5; for its VisA values add "
+    "--alpha 0.35 --beta 1.0 --kernel 3)",
+}
 
 
 class ArgumentAdder(Protocol):
@@ -81,16 +83,21 @@ def odd_kernel(text: str) -> int:
 def add_head_arguments(
     parser: ArgumentAdder,
     preset_default: str | None,
+    reads_dataset: bool = False,
     default_note: str = "",
 ) -> None:
     """Add --preset, --alpha, --beta and --kernel to a parser or an argument group.
 
     ``preset_default``: ``"paper"`` for ``cops eval``; None where the model's own config is the
     default (``cops predict``, ``cops-export``), described by ``default_note``.
+    ``reads_dataset``: the command has ``--dataset``, which the reference preset reads (VisA).
     """
     default = f"default {preset_default}" if preset_default else (default_note or "no default")
     parser.add_argument(
-        "--preset", default=preset_default, choices=PRESETS, help=f"{_PRESET_HELP}; {default}"
+        "--preset",
+        default=preset_default,
+        choices=PRESETS,
+        help=f"{_PAPER_HELP}{_REFERENCE_HELP[reads_dataset]}; {default}",
     )
     parser.add_argument(
         "--alpha", type=unit_weight, help="override head.alpha, the SAGA weight in [0, 1]"
