@@ -35,6 +35,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -236,6 +237,29 @@ def _check_sizes(reader: _Reader, matched: dict[Path, Path]) -> None:
         )
 
 
+def _many(value: Any) -> tuple[Any, ...]:
+    """A folder or a sequence of folders as a tuple (a lone str is one folder, not letters)."""
+    if value is None:
+        return ()
+    if isinstance(value, str | os.PathLike):
+        return (value,)
+    return tuple(value)
+
+
+def _check_distinct(normal: Path, normal_test: Path | None, abnormal: list[Path]) -> None:
+    folders = [normal, *([normal_test] if normal_test is not None else []), *abnormal]
+    resolved = [f.resolve() for f in folders]
+    twice = sorted(
+        {str(f) for f, r in zip(folders, resolved, strict=True) if resolved.count(r) > 1}
+    )
+    if twice:
+        raise DatasetError(
+            f"folder dataset: {', '.join(twice)} given more than once (as normal and "
+            "anomalous, or twice), so its images would be listed twice with two labels. Fix: "
+            "pass each folder once, under the one label its images have."
+        )
+
+
 def build_folder_meta(root: str | os.PathLike[str], cfg: FolderCfg) -> Meta:
     """The meta dict of the ``folder`` dataset at ``root`` (nothing is written)."""
     root = Path(root)
@@ -244,12 +268,13 @@ def build_folder_meta(root: str | os.PathLike[str], cfg: FolderCfg) -> Meta:
             f"folder dataset: --root {root} is not a folder. Fix: pass the folder your image "
             "folders are relative to (meta.json is written there)."
         )
-    if not cfg.abnormal_dirs:
+    if not _many(cfg.abnormal_dirs):
         raise DatasetError(
             "folder dataset: no anomalous folder given. Fix: pass --abnormal-dir with one or "
             "more folders of anomalous images."
         )
     reader = _Reader(root, _normal_extensions(cfg.extensions))
+    abnormal_values, mask_values = _many(cfg.abnormal_dirs), _many(cfg.mask_dirs)
     cls_name = cfg.class_name or root.resolve().name or FOLDER_DATASET
     normal = reader.folder(cfg.normal_dir, "normal", "--normal-dir")
     normal_test = (
@@ -257,8 +282,9 @@ def build_folder_meta(root: str | os.PathLike[str], cfg: FolderCfg) -> Meta:
         if cfg.normal_test_dir is not None
         else None
     )
-    abnormal = [reader.folder(d, "anomalous", "--abnormal-dir") for d in cfg.abnormal_dirs]
-    mask_dirs = _pair_masks(reader, abnormal, cfg.mask_dirs)
+    abnormal = [reader.folder(d, "anomalous", "--abnormal-dir") for d in abnormal_values]
+    _check_distinct(normal, normal_test, abnormal)
+    mask_dirs = _pair_masks(reader, abnormal, mask_values)
 
     def normal_entries(folder: Path, flag: str) -> list[dict[str, object]]:
         images = reader.images(folder, "normal", flag)

@@ -44,6 +44,7 @@ import hashlib
 import html
 import io
 import math
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -200,7 +201,8 @@ def decision_of(record: Mapping[str, Any]) -> str:
 
 def _number(record: Mapping[str, Any], key: str, what: str) -> float:
     value = record.get(key)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy scalars too
+    if not real or not math.isfinite(float(value)):
         raise ConfigError(
             f"{what} {record.get('source')!r}: {key} {value!r}; valid: a finite number. Fix: "
             f"pass the {key} the run gave (records as in scores.json)."
@@ -280,7 +282,7 @@ def _regions(record: Mapping[str, Any]) -> str:
 
 
 def _fmt(value: Any) -> str:
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return f"{float(value):.4f}"
     return _e(value)
 

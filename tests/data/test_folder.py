@@ -209,3 +209,21 @@ def test_a_mask_without_image_alone_is_refused(tmp_path: Path) -> None:
     _mask(tmp_path / "masks" / "crack" / "c3_mask.png")
     with pytest.raises(DatasetError, match=r"Images without a mask \(0\): none.*\(1\): c3_mask"):
         build_folder_meta(tmp_path, _cfg())
+
+
+def test_a_lone_string_is_one_folder(tmp_path: Path) -> None:
+    _tree(tmp_path)
+    cfg = _cfg(abnormal_dirs="crack", mask_dirs="masks/crack")
+    meta = build_folder_meta(tmp_path, cfg)
+    assert [e["specie_name"] for e in meta["test"]["part"]] == ["good"] * 2 + ["crack"] * 2
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"abnormal_dirs": ("crack", "good")}, {"abnormal_dirs": ("crack", "crack/")},
+     {"normal_test_dir": "good"}],
+)  # fmt: skip
+def test_a_folder_given_twice_is_refused(tmp_path: Path, changes: dict[str, object]) -> None:
+    _tree(tmp_path)
+    with pytest.raises(DatasetError, match=r"given more than once"):
+        build_folder_meta(tmp_path, _cfg(mask_dirs=(), **changes))

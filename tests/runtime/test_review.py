@@ -162,6 +162,13 @@ def test_bad_failure_record_and_thumb_size_are_refused() -> None:
         render_review([], thumb_size=8)
 
 
+def test_numpy_numbers_are_accepted() -> None:
+    record = {"source": "n.png", "score": np.float32(0.25), "threshold": np.float64(0.5)}
+    record["regions"] = [{**REGION, "peak": np.float32(0.5), "area": np.int64(7)}]
+    page = render_review([record])
+    assert "0.2500</span> (threshold 0.5000)" in page and "<td>7</td><td>0.5000</td>" in page
+
+
 def test_decision_of() -> None:
     assert [decision_of({"is_anomalous": v}) for v in (True, False, None)] == [
         "not-ok", "ok", "undecided"
