@@ -39,6 +39,26 @@ cpp-deps:
 			$$sudo apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
+# A headless Chromium from Debian's packages, for tests/runtime/test_review.py (the review page
+# checked in a real browser: no broken image, the filter works, a screenshot). Same pattern as
+# cpp-deps: installs only what is missing; elsewhere than Debian it says so. Not a prerequisite of
+# `test` (about 200 MB); the browser test skips naming this target where no Chromium is found.
+BROWSER_DEPS := chromium-headless-shell fonts-dejavu-core
+.PHONY: browser
+browser:
+	@missing=$$(for p in $(BROWSER_DEPS); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -z "$$missing" ]; then echo "browser: all installed"; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+		echo "browser: no apt-get here; install a Chromium (chromium-headless-shell or chromium)" \
+			"and put it on PATH, or set COPS_CHROMIUM=/path/to/chromium"; \
+	else \
+		sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+		echo "browser: installing" $$missing; \
+		$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			$$sudo apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
 bench: venv
 	$(BIN)/python -m pytest -q benchmarks
 

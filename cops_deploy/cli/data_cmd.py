@@ -2,6 +2,9 @@
 
     cops data list
     cops data prepare --dataset mvtec --root /data/mvtec
+    cops data prepare --dataset folder --root /data/parts --normal-dir good \
+        --abnormal-dir crack scratch [--mask-dir masks/crack masks/scratch] \
+        [--normal-test-dir good_test] [--extensions .png .jpg] [--class-name part]
     cops data synth --out /tmp/synth --seed 0 [--size 128] [--force]
 
 Failures raise DatasetError or ConfigError, which ``cops`` prints with a non-zero exit status.
@@ -13,6 +16,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 from typing import Any
+
+from cops_deploy.errors import ConfigError
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -27,10 +32,37 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     actions = parser.add_subparsers(dest="data_command", metavar="ACTION")
 
     prepare = actions.add_parser(
-        "prepare", help="write ROOT/meta.json from a dataset's download layout"
+        "prepare",
+        help="write ROOT/meta.json from a dataset's download layout, or from your own folders",
+        description="Write ROOT/meta.json from one of the 13 download layouts (--dataset NAME), "
+        "or from your own folders (--dataset folder: a folder of normal images, one or more "
+        "folders of anomalous images, optional mask folders matched by name; as anomalib's "
+        "Folder datamodule).",
     )
-    prepare.add_argument("--dataset", required=True, help="dataset name (see `cops data list`)")
+    prepare.add_argument(
+        "--dataset", required=True, help="dataset name (see `cops data list`), or 'folder'"
+    )
     prepare.add_argument("--root", required=True, type=Path, help="the unpacked dataset folder")
+    own = prepare.add_argument_group("--dataset folder (paths relative to --root, or absolute)")
+    own.add_argument("--normal-dir", help="folder of normal (good) images")
+    own.add_argument("--abnormal-dir", nargs="+", help="one or more folders of anomalous images")
+    own.add_argument(
+        "--mask-dir",
+        nargs="+",
+        help="mask folders: one shared, or one per --abnormal-dir in order; a mask is named "
+        "like its image (<stem>.png or <stem>_mask.png)",
+    )
+    own.add_argument(
+        "--normal-test-dir",
+        help="normal test images; --normal-dir then becomes the train split (default: the "
+        "normal images are tested)",
+    )
+    own.add_argument(
+        "--extensions",
+        nargs="+",
+        help="list only these file kinds, e.g. .png .jpg (default: every file must be an image)",
+    )
+    own.add_argument("--class-name", help="class name of the images (default: the root's name)")
     prepare.set_defaults(func=_prepare)
 
     listing = actions.add_parser("list", help="list the supported datasets and their classes")
@@ -68,12 +100,50 @@ def _summary(root: Path) -> str:
     )
 
 
+_FOLDER_FLAGS: tuple[str, ...] = (
+    "normal_dir", "abnormal_dir", "mask_dir", "normal_test_dir", "extensions", "class_name",
+)  # fmt: skip
+
+
 def _prepare(args: argparse.Namespace) -> int:
+    from cops_deploy.data.folder import FOLDER_DATASET
     from cops_deploy.data.solvers import get_dataset, prepare_dataset
 
+    if args.dataset.strip().lower() == FOLDER_DATASET:
+        return _prepare_folder(args)
     spec = get_dataset(args.dataset)
+    given = [f"--{name.replace('_', '-')}" for name in _FOLDER_FLAGS if getattr(args, name)]
+    if given:
+        raise ConfigError(
+            f"{', '.join(given)} describe your own folders and need --dataset folder, got "
+            f"--dataset {args.dataset}. Fix: pass --dataset folder, or leave them out to read "
+            f"the {spec.display_name} download layout."
+        )
     path = prepare_dataset(spec.name, args.root)
     print(f"wrote {path} ({spec.display_name}: {_summary(args.root)})")
+    return 0
+
+
+def _prepare_folder(args: argparse.Namespace) -> int:
+    from cops_deploy.data.folder import FolderCfg, prepare_folder
+
+    missing = [flag for flag, value in (("--normal-dir", args.normal_dir),
+               ("--abnormal-dir", args.abnormal_dir)) if not value]  # fmt: skip
+    if missing:
+        raise ConfigError(
+            f"--dataset folder needs {' and '.join(missing)}. Fix: e.g. --normal-dir good "
+            "--abnormal-dir crack scratch (folders relative to --root)."
+        )
+    cfg = FolderCfg(
+        normal_dir=args.normal_dir,
+        abnormal_dirs=tuple(args.abnormal_dir),
+        mask_dirs=tuple(args.mask_dir or ()),
+        normal_test_dir=args.normal_test_dir,
+        extensions=tuple(args.extensions) if args.extensions else None,
+        class_name=args.class_name,
+    )
+    path = prepare_folder(args.root, cfg)
+    print(f"wrote {path} (folder: {_summary(args.root)}); use --dataset folder --data {args.root}")
     return 0
 
 

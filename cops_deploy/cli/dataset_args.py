@@ -34,7 +34,7 @@ def add_dataset_run_arguments(p: argparse.ArgumentParser, helps: DatasetRunHelp)
     p.add_argument(
         "--dataset",
         required=True,
-        help="dataset name (see `cops data list`; 'synth' or 'custom' for others)"
+        help="dataset name (see `cops data list`; 'synth', 'folder' or 'custom' for others)"
         + helps.dataset_note,
     )
     p.add_argument("--out", required=True, type=Path, help=f"{helps.out} (new or empty)")

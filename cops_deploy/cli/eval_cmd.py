@@ -1,7 +1,8 @@
 """``cops eval``: zero-shot metrics of CoPS weights on a dataset's test split.
 
     cops eval --data /data/mvtec --dataset mvtec --weights runs/visa/model \\
-        --clip-weights ViT-L-14-336px.pt --out eval/mvtec [--preset paper|reference]
+        --clip-weights ViT-L-14-336px.pt --out eval/mvtec [--preset paper|reference] \
+        [--alpha A] [--beta B] [--kernel K]
 
 Writes results.md / results.csv / results.json (per class and mean; n/a where a metric is
 undefined), scores.csv (per image) and overlays/<class>.png into --out.
@@ -19,6 +20,7 @@ from cops_deploy.cli.dataset_args import (
     add_dataset_run_arguments,
     dataset_run_fields,
 )
+from cops_deploy.cli.head_args import add_head_arguments
 
 EVAL_HELP = DatasetRunHelp(
     out="output folder",
@@ -53,13 +55,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--model", help="architecture (default: the one saved with --weights, else the paper's)"
     )
-    p.add_argument(
-        "--preset",
-        default="paper",
-        choices=["paper", "reference"],
-        help="head values: paper (alpha 0.3, beta 0.9, kernel 5) or reference (the reference "
-        "test script: 0.26, 0.9, 5; on VisA 0.35, 1.0, 3); default paper",
-    )
+    add_head_arguments(p, preset_default="paper", reads_dataset=True)
     p.add_argument("--force", action="store_true", help="replace the results in a non-empty --out")
     p.set_defaults(func=run)
     return p
@@ -70,7 +66,13 @@ def run(args: argparse.Namespace) -> int:
     from cops_deploy.evaluate.evaluator import EvalCfg, format_mean_row, run_eval
 
     cfg = EvalCfg(
-        **dataset_run_fields(args), weights=args.weights, preset=args.preset, force=args.force
+        **dataset_run_fields(args),
+        weights=args.weights,
+        preset=args.preset,
+        alpha=args.alpha,
+        beta=args.beta,
+        neighbour_kernel=args.kernel,
+        force=args.force,
     )
     result, files = run_eval(cfg, warn=lambda text: print(text, file=sys.stderr))
     h = result.head

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from cops_deploy.cli.head_args import add_head_arguments, head_overrides
 from cops_deploy.errors import ConfigError, CopsError
 from cops_deploy.export.pipeline import (
     ENGINES,
@@ -101,9 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         "by default, TensorRT always builds from the portable graph)",
     )
     p.add_argument("--opset", type=int, default=20, help="ONNX opset (default 20)")
-    p.add_argument("--alpha", type=float, help="override head.alpha (SAGA weight)")
-    p.add_argument("--beta", type=float, help="override head.beta (score weight)")
-    p.add_argument("--kernel", type=int, help="override head.neighbour_kernel")
+    add_head_arguments(p, preset_default=None, default_note="default: the model's config")
     return p
 
 
@@ -126,11 +125,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def export_cfg(args: argparse.Namespace) -> ExportCfg:
     """The :class:`ExportCfg` that parsed ``cops-export`` arguments ask for (validated)."""
-    overrides = {
-        "head.alpha": args.alpha,
-        "head.beta": args.beta,
-        "head.neighbour_kernel": args.kernel,
-    }
     return ExportCfg(
         out=args.out,
         model=args.model,
@@ -150,7 +144,7 @@ def export_cfg(args: argparse.Namespace) -> ExportCfg:
         parity_images=args.parity_images,
         ort_variant=not args.no_ort_variant,
         opset=args.opset,
-        head_overrides={k: v for k, v in overrides.items() if v is not None},
+        head_overrides=head_overrides(args),
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cops_deploy.cli.head_args import add_head_arguments, given_head_flags, head_overrides
 from cops_deploy.cli.predict_common import add_output_args
 from cops_deploy.errors import CopsError
 from cops_deploy.extras import require_build
@@ -51,6 +52,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="allow random weights for a smoke run (results are meaningless)",
     )
     src.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
+    add_head_arguments(  # as cops eval and cops-export; a bundle's head is fixed at export
+        src, preset_default=None, default_note="default: the model's config; not with --bundle"
+    )
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
     p.set_defaults(func=run)
     return p
@@ -76,6 +80,13 @@ def _check_weights(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise CopsError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.bundle is not None and given_head_flags(args):
+        head = " ".join(given_head_flags(args))
+        raise CopsError(
+            f"{head}: these set the head of a model built from weights, but a bundle's head "
+            f"was fixed when it was exported. Fix: leave them out, or export again with "
+            f"`cops-export ... {head}`."
+        )
     if args.bundle is not None:
         from cops_deploy.cli.predict_bundle import predict_with_bundle
 
@@ -95,7 +106,10 @@ def run(args: argparse.Namespace) -> int:
     scan, folder = open_run(args)  # a missing input or a refused --out fails before the model
     with folder:
         model = create_model(
-            args.model, clip_weights=args.clip_weights, cops_weights=args.weights
+            args.model,
+            clip_weights=args.clip_weights,
+            cops_weights=args.weights,
+            **head_overrides(args),  # --preset, --alpha, --beta, --kernel
         ).to(args.device)
         info = {"model": args.model, "weights": model.provenance, "backend": "torch"}
         report = write_predictions(

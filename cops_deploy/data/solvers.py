@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cops_deploy.data.folder import FOLDER_DATASET
 from cops_deploy.data.meta import Meta, make_entry, write_meta
 from cops_deploy.errors import DatasetError
 from cops_deploy.imaging.decode import IMAGE_EXTENSIONS
@@ -484,8 +485,9 @@ def prepare_dataset(name: str, root: str | os.PathLike[str]) -> Path:
     return write_meta(root, build_meta(name, root))
 
 
-# Names that are not one of the 13 layouts: `cops data synth` output, and any other meta.json root.
-EXTRA_DATASETS: tuple[str, ...] = ("synth", "custom")
+# Names that are not one of the 13 layouts: `cops data synth` output, your own folders prepared
+# with `cops data prepare --dataset folder` (data.folder), and any other meta.json root.
+EXTRA_DATASETS: tuple[str, ...] = ("synth", FOLDER_DATASET, "custom")
 
 
 def canonical_dataset(name: str) -> str:
@@ -499,6 +501,7 @@ def canonical_dataset(name: str) -> str:
         valid = ", ".join([*DATASETS, *EXTRA_DATASETS])
         raise DatasetError(
             f"unknown dataset {name!r}; valid names are {valid}. Fix: pass the name of the "
-            "dataset under --data ('synth' for `cops data synth` output, 'custom' for any "
-            "other meta.json root)."
+            "dataset under --data ('synth' for `cops data synth` output, 'folder' for "
+            "your own folders prepared with `cops data prepare --dataset folder`, 'custom' for "
+            "any other meta.json root)."
         ) from None

@@ -22,6 +22,7 @@ datasets) are left out of the pixel metrics rather than counted as all-normal.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -347,6 +348,10 @@ class EvalCfg:
     clip_weights: str | None = None
     model: str | None = None
     preset: str = "paper"
+    # None: the preset's value (--alpha, --beta, --kernel)
+    alpha: float | None = None
+    beta: float | None = None
+    neighbour_kernel: int | None = None
     classes: tuple[str, ...] | None = None
     batch_size: int = 4
     device: str = "cpu"
@@ -412,6 +417,8 @@ def run_eval(
     """``cops eval``: check the output folder, load, evaluate, write; return result and files."""
     canonical_dataset(cfg.dataset)  # refuse an unknown name before any work
     head = preset_head(cfg.preset, cfg.dataset)
+    given = {k: getattr(cfg, k) for k in ("alpha", "beta", "neighbour_kernel")}
+    head = dataclasses.replace(head, **{k: v for k, v in given.items() if v is not None})
     prepare_out_dir(Path(cfg.out), cfg.force)
     model = load_eval_model(cfg, head, warn)
     result = evaluate_model(
