@@ -368,7 +368,7 @@ def _onnx_files(manifest: Manifest) -> dict[str, list[str]]:
 def _check_onnx_files(root: Path, manifest: Manifest) -> None:
     listed = {e.path for e in manifest.files}
     for path, graphs in _onnx_files(manifest).items():
-        refs = read_onnx_refs(root / path)
+        refs = read_onnx_refs(root / path, f"bundle {root}: ONNX file {path!r}")
         _check_external_data(root, path, refs, listed)
         for graph in graphs:
             _check_graph_io(root, path, graph, manifest.graphs[graph], refs)

@@ -86,14 +86,17 @@ class _Malformed(Exception):
     """Internal: the bytes are not the protobuf encoding of an ONNX model."""
 
 
-def read_onnx_refs(path: str | os.PathLike[str]) -> OnnxRefs:
+def read_onnx_refs(path: str | os.PathLike[str], what: str | None = None) -> OnnxRefs:
     """The external-data references and main-graph inputs/outputs of the ONNX file ``path``.
+
+    ``what`` names the file in messages (default: its path).
 
     Raises:
         BundleError: the file cannot be read, or is not a protobuf-encoded ONNX model (the
             message names the file and the byte offset).
     """
     path = Path(path)
+    what = what or str(path)
     try:
         with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
@@ -107,11 +110,11 @@ def read_onnx_refs(path: str | os.PathLike[str]) -> OnnxRefs:
                     view.release()
     except _Malformed as exc:
         raise BundleError(
-            f"{path} is not a valid ONNX model ({exc}); valid: an ONNX file written by "
+            f"{what} is not a valid ONNX model ({exc}); valid: an ONNX file written by "
             f"cops-export. Fix: re-export the bundle with cops-export."
         ) from exc
     except (OSError, ValueError) as exc:
-        raise BundleError(f"cannot read ONNX file {path}: {exc}") from exc
+        raise BundleError(f"cannot read ONNX file {what}: {exc}") from exc
 
 
 class _Reader:
