@@ -62,9 +62,7 @@ def test_verification_is_on_by_default(base: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", [*tb.WEIGHTS, MANIFEST_NAME])
-def test_a_verified_bundle_object_is_checked_again(
-    base: Path, tmp_path: Path, name: str
-) -> None:
+def test_a_verified_bundle_object_is_checked_again(base: Path, tmp_path: Path, name: str) -> None:
     root = tb.tampered(base, tmp_path / "b", tb.Case("none", lambda root: None, ""))
     bundle = open_bundle(root)
     path = root / name
@@ -204,9 +202,11 @@ def _expected(root: Path, rgb: np.ndarray, size: int) -> tuple[float, np.ndarray
     batch = np.ascontiguousarray(x.transpose(2, 0, 1)[None])  # (1, 3, S, S)
     vision = ort.InferenceSession(str(root / "vision.onnx"), providers=["CPUExecutionProvider"])
     head = ort.InferenceSession(str(root / "head.onnx"), providers=["CPUExecutionProvider"])
-    embeddings = dict(zip([o.name for o in vision.get_outputs()], vision.run(None, {"image": batch})))
+    embeddings = dict(
+        zip([o.name for o in vision.get_outputs()], vision.run(None, {"image": batch}), strict=True)
+    )
     feed = {i.name: embeddings[i.name] for i in head.get_inputs()}
-    out = dict(zip([o.name for o in head.get_outputs()], head.run(None, feed)))
+    out = dict(zip([o.name for o in head.get_outputs()], head.run(None, feed), strict=True))
     return float(out["pred_score"][0]), out["anomaly_map"][0]
 
 
