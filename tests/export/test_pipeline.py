@@ -38,7 +38,7 @@ from cops_deploy.export.pipeline import (
     export_bundle,
 )
 from cops_deploy.runtime.bundle import Bundle, open_bundle, sha256_file
-from cops_deploy.runtime.manifest import EngineKey
+from cops_deploy.runtime.manifest import EngineKey, Provenance
 
 TOL = 1e-5
 
@@ -498,6 +498,6 @@ def test_a_killed_export_is_cleaned_by_the_next_writer(tmp_path):
         writer.set_metadata(
             model_config=get_config("cops-tiny").to_dict(),
             graphs={},
-            provenance={"random_weights": True},
+            provenance=Provenance(random_weights=True),
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
