@@ -11,9 +11,10 @@ base or ``[cpu]`` install (the run side must stay light), and ONNX Runtime offer
 lists a model's external-data locations (it only loads them). The reader decodes the protobuf
 wire format (varints and length-delimited fields: https://protobuf.dev/programming-guides/
 encoding/) for the handful of ONNX messages that can hold a tensor or a graph, using the
-field numbers of ``onnx.proto`` (pinned in tests/runtime/test_onnx_refs.py against the
-``onnx`` package). Every other field, weights included, is skipped without being read, so a
-file with its weights inline costs no more than one without. Torch-free, stdlib only.
+field numbers of ``onnx.proto`` (tests/runtime/test_onnx_refs.py reads models the
+``onnx`` package writes, with a reference in every place a tensor can sit). Every other field,
+weights included, is skipped without being read, so a file with its weights inline costs no
+more than one without. Torch-free, stdlib only.
 """
 
 from __future__ import annotations
