@@ -132,9 +132,9 @@ class BundleWriter:
     def __enter__(self) -> BundleWriter:
         if self._tmp is not None:
             raise BundleError(f"BundleWriter for {self.out_dir} is already open; open it once.")
+        clean_stale_temporaries(self.out_dir)  # first: it may put a bundle back in place
         self._check_target()
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale_temporaries(self.out_dir)
         self._tmp = make_temp_dir(self.out_dir, "tmp")
         return self
 
@@ -447,7 +447,11 @@ def _process_runs(pid: int) -> bool:
 
 def clean_stale_temporaries(out: str | os.PathLike[str]) -> list[Path]:
     """Remove the hidden temporaries beside ``out`` (:func:`make_temp_dir` names) whose process
-    no longer runs; returns what was removed. Temporaries of a live process are kept."""
+    no longer runs; returns what was removed. Temporaries of a live process are kept.
+
+    One exception: a process killed while replacing ``out`` (between moving the old bundle
+    aside and moving the new one in) leaves no ``out`` and the old bundle in an ``old``
+    folder; that folder is moved back to ``out`` instead of being removed."""
     out = Path(out)
     pattern = re.compile(rf"^\.{re.escape(out.name)}\.(?:{'|'.join(TEMP_KINDS)})-(\d+)-[0-9a-f]+$")
     removed: list[Path] = []
@@ -458,6 +462,12 @@ def clean_stale_temporaries(out: str | os.PathLike[str]) -> list[Path]:
     for entry in entries:
         match = pattern.match(entry.name)
         if match is None or _process_runs(int(match.group(1))):
+            continue
+        restorable = (
+            entry.name.startswith(f".{out.name}.old-") and (entry / MANIFEST_NAME).is_file()
+        )
+        if restorable and not out.exists() and not out.is_symlink():
+            os.rename(entry, out)  # the interrupted replacement's old bundle, back in place
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)

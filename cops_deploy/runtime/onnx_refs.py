@@ -114,7 +114,7 @@ def read_onnx_refs(path: str | os.PathLike[str], what: str | None = None) -> Onn
             f"{what} is not a valid ONNX model ({exc}); valid: an ONNX file written by "
             f"cops-export. Fix: re-export the bundle with cops-export."
         ) from exc
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, BufferError) as exc:
         raise BundleError(f"cannot read ONNX file {what}: {exc}") from exc
 
 

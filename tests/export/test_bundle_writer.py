@@ -445,6 +445,16 @@ def test_stale_temporaries_are_removed_by_the_next_writer(tmp_path: Path) -> Non
     assert bundle_writer.clean_stale_temporaries(out) == [kept[0]]
 
 
+def test_an_interrupted_replacement_puts_the_old_bundle_back(tmp_path: Path) -> None:
+    out = write_minimal(tmp_path / "b", b"v1")
+    aside = tmp_path / f".b.old-{dead_pid()}-0123abcd"
+    os.rename(out, aside)  # killed between moving the old bundle aside and the new one in
+    with pytest.raises(BundleError, match="already exists"):
+        write_minimal(out, b"v2")  # the old bundle is back: replacing it needs --force
+    assert (out / "head.onnx").read_bytes() == tagged(b"v1")
+    assert siblings(out) == ["b"]
+
+
 @pytest.mark.parametrize(
     ("umask", "folder", "file"), [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)]
 )
