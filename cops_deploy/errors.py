@@ -32,6 +32,11 @@ class BundleError(CopsError):
     """A deployment bundle that is missing, tampered with, truncated or mismatched."""
 
 
+class BackendError(CopsError):
+    """A backend (ONNX Runtime, OpenVINO, TensorRT, a plug-in) failed to load or run a graph with
+    an error of its own; the message names the graph and backend, the cause is chained."""
+
+
 class DatasetError(CopsError):
     """A dataset root or file that does not have the expected layout."""
 
@@ -42,6 +47,11 @@ class MissingDependencyError(CopsError, ImportError):
 
 class ExportError(CopsError):
     """An export step (ONNX export, ONNX check, engine build) failed; the message names it."""
+
+
+class ParityError(ExportError):
+    """An exported graph's measured parity with PyTorch exceeds its precision's tolerance (the
+    message names the output, the difference and the tolerance)."""
 
 
 class EngineBuildError(ExportError):

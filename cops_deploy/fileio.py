@@ -2,26 +2,44 @@
 
 A file is written to a temporary name in its own folder, flushed to disk, and renamed over the
 target, so a reader sees the old file or the new one, never a part; on any error the temporary
-file is removed and the target is untouched.
+file is removed and the target is untouched. The file's permission bits follow the umask, as
+any other tool's (0644 under the usual umask 022), unless a ``mode`` is given.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+
+__all__ = ["atomic_write_bytes", "atomic_write_text", "prepare_output_dir"]
+
+_TEMP_ATTEMPTS = 100
+
+
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """Create and open a new hidden temp file beside ``path``, mode 0666 less the umask
+    (``tempfile.mkstemp`` would make it 0600 whatever the umask)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(_TEMP_ATTEMPTS):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path} after {_TEMP_ATTEMPTS} tries")
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | None = None) -> Path:
     """Write ``data`` to ``path`` atomically (temp file + fsync + rename); returns the path.
 
-    ``mode`` sets the permission bits (mkstemp creates files readable by the owner only).
+    ``mode`` sets the permission bits; None (default): 0666 less the umask, like ``open``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -31,7 +49,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | No
             os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 

@@ -8,15 +8,20 @@
 The arguments map onto :class:`cops_deploy.export.pipeline.ExportCfg` (``--bundle``: onto
 :func:`~cops_deploy.export.pipeline.add_engines`); the library runs the stages and this command
 prints their numbered progress lines. Failures print one message naming what failed and exit
-with status 2.
+with status 2 (a bundle whose parity with PyTorch exceeds the precision's tolerance is such a
+failure unless --allow-parity-drift). SIGTERM and SIGHUP stop an export like Ctrl-C: the
+temporary folders are removed and the exit status is 128 + the signal number.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 
 from cops_deploy.cli.head_args import add_head_arguments, head_overrides
 from cops_deploy.errors import ConfigError, CopsError
@@ -103,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--opset", type=int, default=20, help="ONNX opset (default 20)")
     add_head_arguments(p, preset_default=None, default_note="default: the model's config")
+    p.add_argument(
+        "--allow-parity-drift",
+        action="store_true",
+        help="write the bundle even if its parity with PyTorch exceeds the precision's "
+        "tolerance (recorded in the manifest; by default such an export fails)",
+    )
     return p
 
 
@@ -114,13 +125,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help (0) or a usage error (2)
         return int(exc.code or 0)
     try:
-        require_build(PROG)  # a runtime-only install: one line naming the extra, no traceback
-        if args.bundle is not None:
-            return _add_engines(args)
-        return _export(args)
+        with _signals_interrupt():
+            require_build(PROG)  # a runtime-only install: one line naming the extra
+            if args.bundle is not None:
+                return _add_engines(args)
+            return _export(args)
     except CopsError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    except _Interrupted as exc:
+        print(f"{PROG}: stopped by {exc.name}; temporary folders removed", file=sys.stderr)
+        return 128 + exc.signum
+
+
+class _Interrupted(BaseException):
+    """Raised in the main thread by SIGTERM/SIGHUP so that every ``with`` block cleans up."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+
+
+_STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s)
+
+
+@contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise :class:`_Interrupted` inside the block (the default action
+    kills the process without unwinding, leaving the temporary folders behind)."""
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise _Interrupted(signum)
+
+    try:
+        previous = {s: signal.signal(s, interrupt) for s in _STOP_SIGNALS}
+    except ValueError:  # not the main thread: leave the handlers alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def export_cfg(args: argparse.Namespace) -> ExportCfg:
@@ -145,6 +192,7 @@ def export_cfg(args: argparse.Namespace) -> ExportCfg:
         ort_variant=not args.no_ort_variant,
         opset=args.opset,
         head_overrides=head_overrides(args),
+        allow_parity_drift=args.allow_parity_drift,
     )
 
 

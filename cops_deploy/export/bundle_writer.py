@@ -5,6 +5,13 @@ Files are staged in a hidden temp directory next to the output (same filesystem,
 ``manifest.json``, re-reads it with the run-side reader and renames the directory into place.
 An existing bundle is replaced only with ``force=True``, by moving it aside first, so a failure
 never leaves neither bundle. On an exception nothing changes and the temp directory is removed.
+
+Temporaries: every hidden folder made beside a bundle ``OUT`` is named
+``.OUT.<kind>-<pid>-<random>`` (:func:`make_temp_dir`; kinds ``tmp``, ``work``, ``old``,
+``engines``). A process killed before it could clean up (SIGKILL, power loss) leaves them; the
+next writer of ``OUT`` removes those whose process no longer runs on this machine
+(:func:`clean_stale_temporaries`), and never one of a live export. Folders and files are created
+with the umask's permissions, like any other tool's (a bundle is 0755 under umask 022).
 No torch here; ``onnx`` is imported only by ``add_onnx``.
 """
 
@@ -14,9 +21,9 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
+import secrets
 import shutil
-import tempfile
-import uuid
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -44,7 +51,17 @@ from cops_deploy.runtime.manifest import (
 )
 from cops_deploy.version import __version__
 
-__all__ = ["BundleWriter", "onnx_external_data_files", "onnx_tensors"]
+__all__ = [
+    "TEMP_KINDS",
+    "BundleWriter",
+    "clean_stale_temporaries",
+    "make_temp_dir",
+    "onnx_external_data_files",
+    "onnx_tensors",
+    "replace_dir",
+]
+
+TEMP_KINDS = ("tmp", "work", "old", "engines")
 
 _PathLike = str | os.PathLike[str]
 _UNSET: Any = object()
@@ -115,11 +132,10 @@ class BundleWriter:
     def __enter__(self) -> BundleWriter:
         if self._tmp is not None:
             raise BundleError(f"BundleWriter for {self.out_dir} is already open; open it once.")
+        clean_stale_temporaries(self.out_dir)  # first: it may put a bundle back in place
         self._check_target()
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(
-            tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent)
-        )
+        self._tmp = make_temp_dir(self.out_dir, "tmp")
         return self
 
     def __exit__(
@@ -372,7 +388,7 @@ def replace_dir(tmp: Path, out: Path, what: str = "folder") -> None:
         os.rename(tmp, out)
         _fsync_dir(out.parent)
         return
-    aside = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:12]}"
+    aside = _temp_name(out, "old")
     os.rename(out, aside)
     try:
         os.rename(tmp, out)
@@ -392,6 +408,73 @@ def replace_dir(tmp: Path, out: Path, what: str = "folder") -> None:
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+def _temp_name(out: Path, kind: str) -> Path:
+    return out.parent / f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(6)}"
+
+
+def make_temp_dir(out: str | os.PathLike[str], kind: str) -> Path:
+    """A new, empty hidden folder beside ``out`` named ``.OUT.<kind>-<pid>-<random>`` (see the
+    module docstring), mode 0777 less the umask (``tempfile.mkdtemp`` would make it 0700)."""
+    out = Path(out)
+    if kind not in TEMP_KINDS:
+        raise BundleError(f"unknown temporary kind {kind!r}; valid: {list(TEMP_KINDS)}.")
+    for _ in range(100):
+        path = _temp_name(out, kind)
+        try:
+            path.mkdir(mode=0o777)
+        except FileExistsError:
+            continue
+        return path
+    raise BundleError(f"no free temporary folder name beside {out} after 100 tries.")
+
+
+def _process_runs(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (a process of another user counts)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OverflowError:  # not a pid at all
+        return False
+    return True
+
+
+def clean_stale_temporaries(out: str | os.PathLike[str]) -> list[Path]:
+    """Remove the hidden temporaries beside ``out`` (:func:`make_temp_dir` names) whose process
+    no longer runs; returns what was removed. Temporaries of a live process are kept.
+
+    One exception: a process killed while replacing ``out`` (between moving the old bundle
+    aside and moving the new one in) leaves no ``out`` and the old bundle in an ``old``
+    folder; that folder is moved back to ``out`` instead of being removed."""
+    out = Path(out)
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(?:{'|'.join(TEMP_KINDS)})-(\d+)-[0-9a-f]+$")
+    removed: list[Path] = []
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return removed  # no parent folder yet: nothing can be left there
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if match is None or _process_runs(int(match.group(1))):
+            continue
+        restorable = (
+            entry.name.startswith(f".{out.name}.old-") and (entry / MANIFEST_NAME).is_file()
+        )
+        if restorable and not out.exists() and not out.is_symlink():
+            os.rename(entry, out)  # the interrupted replacement's old bundle, back in place
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
 
 
 def _jsonable(value: Any) -> Any:

@@ -10,7 +10,8 @@ ONNX Runtime variant of the vision graph (fp32: fused attention sharing ``vision
 the ONNX checks, the FP16 islands check, TensorRT engines (``engine="trt"``), parity against
 PyTorch measured with ONNX Runtime, the atomic bundle write, and the Triton repository
 (``triton=True``). It refuses random weights unless ``random_weights`` (the manifest then says
-so) and an existing bundle unless ``force``. :func:`add_engines` adds TensorRT engines to an
+so), an existing bundle unless ``force``, and a bundle whose measured parity exceeds its
+precision's tolerance (:data:`PARITY_TOLERANCES`) unless ``allow_parity_drift``. :func:`add_engines` adds TensorRT engines to an
 existing bundle, keeping every other file and manifest field.
 
 The library is silent: progress goes to a :class:`~cops_deploy.export.progress.Progress` (stage
@@ -25,14 +26,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import tempfile
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cops_deploy.errors import ConfigError, ExportError, MissingDependencyError
+from cops_deploy.errors import ConfigError, ExportError, MissingDependencyError, ParityError
 from cops_deploy.export.progress import (
     PrintProgress,
     Progress,
@@ -46,6 +46,7 @@ from cops_deploy.runtime.bundle import Bundle
 __all__ = [
     "ADD_ENGINE_STAGES",
     "ENGINES",
+    "PARITY_TOLERANCES",
     "PRECISIONS",
     "STAGES",
     "VISION_ORT",
@@ -56,6 +57,7 @@ __all__ = [
     "Stage",
     "add_engines",
     "check_fp16_islands",
+    "check_parity",
     "default_engine_cache",
     "export_bundle",
 ]
@@ -79,6 +81,20 @@ STAGES: tuple[str, ...] = (
     "triton",
 )
 ADD_ENGINE_STAGES: tuple[str, ...] = ("engine", "writing bundle")
+# Largest max abs difference from PyTorch an exported bundle may have, per precision and output
+# (ONNX Runtime on the parity images); the benchmarks' default gates (benchmarks/conftest.py).
+PARITY_TOLERANCES: types.MappingProxyType[str, types.MappingProxyType[str, float]] = (
+    types.MappingProxyType(
+        {
+            "fp32": types.MappingProxyType(
+                {"anomaly_map_max_abs": 1e-4, "pred_score_max_abs": 1e-5}
+            ),
+            "fp16": types.MappingProxyType(
+                {"anomaly_map_max_abs": 1e-2, "pred_score_max_abs": 1e-2}
+            ),
+        }
+    )
+)
 _EXAMPLE = "cops-export --model NAME --weights CKPT --clip-weights W --out DIR"
 
 
@@ -93,6 +109,7 @@ _BOOL_FIELDS = (
     "torch_weights",
     "rebuild_engines",
     "ort_variant",
+    "allow_parity_drift",
 )
 
 
@@ -121,6 +138,8 @@ class ExportCfg:
         ort_variant: fp32: also write the ONNX Runtime variant of the vision graph.
         opset: ONNX opset (>= 17).
         head_overrides: head config values by dotted key, e.g. ``{"head.alpha": 0.3}``.
+        allow_parity_drift: write the bundle even when its measured parity exceeds the
+            precision's tolerance (:data:`PARITY_TOLERANCES`; the manifest records the drift).
     """
 
     out: Path
@@ -142,6 +161,7 @@ class ExportCfg:
     ort_variant: bool = True
     opset: int = 20
     head_overrides: Mapping[str, int | float] = field(default_factory=dict)
+    allow_parity_drift: bool = False
 
     def __post_init__(self) -> None:
         if self.out is None:
@@ -319,27 +339,34 @@ def export_bundle(cfg: ExportCfg, progress: Progress | None = None) -> Bundle:
     The bundle appears atomically (temp dir + rename) or not at all; with ``cfg.triton`` the
     Triton repository is written after it.
 
+    Temporaries (hidden ``.OUT.tmp-*``/``.OUT.work-*`` folders beside ``cfg.out``) are removed
+    on any error or interrupt, and those a killed export left are removed by the next one.
+
     Raises:
         ConfigError: the bundle exists and ``cfg.force`` is not set, or weights would be random
             without ``cfg.random_weights``.
         MissingDependencyError: ``engine="trt"`` without TensorRT, ``triton`` without the
             Triton writer (checked before any work).
+        ParityError: the measured parity exceeds the precision's tolerance and
+            ``cfg.allow_parity_drift`` is not set (no bundle is written).
         ExportError: a stage failed (exporter, ONNX check, FP16 islands, engine build).
         WeightsError: a weight file that cannot be read or does not fit the model.
     """
-    from cops_deploy.export.bundle_writer import BundleWriter
+    from cops_deploy.export.bundle_writer import BundleWriter, make_temp_dir
     from cops_deploy.runtime.bundle import open_bundle
 
     _check_environment(cfg)
     stages = StageReporter(STAGES if cfg.triton else STAGES[:-1], progress)
     out = cfg.out
     with BundleWriter(out, force=cfg.force) as writer:  # refuses an existing bundle up front
-        with tempfile.TemporaryDirectory(prefix=f".{out.name}.work-", dir=out.parent) as tmp:
-            work = Path(tmp)
+        work = make_temp_dir(out, "work")
+        try:
             meta, keys = _export_into(cfg, work, stages)
             stages.begin("writing bundle")
             _stage_files(writer, work, keys, cfg.torch_weights)
             writer.set_metadata(**meta)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     stages.end("writing bundle")  # after the writer hashed, checked and renamed the bundle
     if cfg.triton:
         with stages.stage("triton"):
@@ -428,6 +455,7 @@ def _export_into(
         if variant is not None:
             parity["ort_variant"] = pipeline_parity(model, variant, paths["head"], images)
             stages.note(_parity_note("ONNX Runtime variant vs PyTorch", parity["ort_variant"]))
+        _gate_parity(parity, cfg, stages)
     return _metadata(model.cfg, provenance, parity, cfg.engine == "trt"), keys
 
 
@@ -503,6 +531,50 @@ def _export_graphs(
         for name, graph in (("vision", vision), ("head", head)):
             check_onnx(paths[name], graph.input_names, graph.output_names)
     return paths, variant
+
+
+def check_parity(parity: Mapping[str, Any], precision: str) -> list[str]:
+    """The outputs whose measured difference exceeds ``precision``'s tolerance, in words
+    ('anomaly_map_max_abs 0.02 > 0.0001'); the ONNX Runtime variant's as 'ort_variant.NAME'.
+    A figure that is missing or not finite counts as exceeding."""
+    tolerances = PARITY_TOLERANCES[precision]
+    drifts = []
+    for prefix, figures in (("", parity), ("ort_variant.", parity.get("ort_variant"))):
+        if figures is None:
+            continue
+        for name, tolerance in tolerances.items():
+            value = figures.get(name)
+            ok = isinstance(value, int | float) and value == value and abs(value) <= tolerance
+            if not ok:
+                drifts.append(
+                    f"{prefix}{name} {value:.3g} > {tolerance:g}"
+                    if isinstance(value, int | float)
+                    else f"{prefix}{name} {value!r} (no finite figure)"
+                )
+    return drifts
+
+
+def _gate_parity(parity: dict[str, Any], cfg: ExportCfg, stages: StageReporter) -> None:
+    """Refuse a bundle whose parity exceeds the tolerance unless allowed; record the outcome."""
+    drifts = check_parity(parity, cfg.precision)
+    parity["tolerance"] = dict(PARITY_TOLERANCES[cfg.precision])
+    if not drifts:
+        return
+    listed = "; ".join(drifts)
+    if not cfg.allow_parity_drift:
+        raise ParityError(
+            f"parity check failed, no bundle written: ONNX Runtime differs from PyTorch beyond "
+            f"the {cfg.precision} tolerance on {listed} (max abs difference over "
+            f"{parity.get('images')} synthetic images). Fix: report it with the export log (a "
+            f"graph computes something else than the model), try --precision fp32 or another "
+            f"--opset; or pass --allow-parity-drift (ExportCfg.allow_parity_drift=True) to write "
+            f"it anyway, recorded in the manifest."
+        )
+    parity["drift_allowed"] = drifts
+    stages.note(
+        f"warning: parity exceeds the {cfg.precision} tolerance on {listed}; written "
+        f"anyway (--allow-parity-drift), recorded in the manifest"
+    )
 
 
 def _parity_note(what: str, parity: Mapping[str, Any]) -> str:
@@ -659,8 +731,11 @@ def add_engines(
         )
     stages = StageReporter(ADD_ENGINE_STAGES, progress)
     cache = None if engine_cache is None else Path(engine_cache)
-    with tempfile.TemporaryDirectory(prefix=".engines-", dir=bundle.root.parent) as tmp:
-        work = Path(tmp)
+    from cops_deploy.export.bundle_writer import clean_stale_temporaries, make_temp_dir
+
+    clean_stale_temporaries(bundle.root)
+    work = make_temp_dir(bundle.root, "engines")
+    try:
         paths = {name: bundle.root / manifest.graphs[name].file for name in ("vision", "head")}
         precision = onnx_precision(paths["vision"])
         with stages.stage("engine"):
@@ -674,6 +749,8 @@ def add_engines(
                 writer.add_engine(work / f"{name}.engine", key, name=f"{name}.engine")
             writer.set_metadata(**_kept_metadata(manifest))
         stages.end("writing bundle")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return open_bundle(bundle.root, verify=False)
 
 

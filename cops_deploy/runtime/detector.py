@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cops_deploy.errors import BundleError, ConfigError, CopsError, ImageReadError
+from cops_deploy.errors import BackendError, BundleError, ConfigError, CopsError, ImageReadError
 from cops_deploy.imaging.decode import ImageSource
 from cops_deploy.imaging.preprocess import preprocess_batch, resize_map
 from cops_deploy.runtime.backends import (
@@ -41,7 +41,7 @@ from cops_deploy.runtime.backends import (
     check_graph_names,
     open_backends,
 )
-from cops_deploy.runtime.bundle import Bundle, open_bundle
+from cops_deploy.runtime.bundle import Bundle, open_bundle, reopen_bundle
 from cops_deploy.runtime.contract import ANOMALY_MAP, GRAPHS, IMAGE, PRED_SCORE
 from cops_deploy.runtime.manifest import Manifest
 
@@ -146,10 +146,14 @@ class Detector:
         """Open ``bundle`` and activate its two graphs on ``backend``.
 
         Args:
-            bundle: a bundle directory, or an already opened :class:`Bundle`.
+            bundle: a bundle directory, or an already opened :class:`Bundle`, which is checked
+                again (:func:`~cops_deploy.runtime.bundle.reopen_bundle`: a verified Bundle
+                against the size, times and inode of every file when it was hashed; an
+                unverified one is opened again, with verification).
             backend: 'auto' (TensorRT, then ONNX Runtime, then OpenVINO, then the plug-ins such
                 as 'torch'), or one of the names ``backend_names()`` lists.
-            verify: check every bundle file's sha256 (size and presence are always checked).
+            verify: check every bundle file's sha256 (on by default; size, presence, paths and
+                the ONNX files' external-data locations are always checked).
             threads: intra-op threads for ONNX Runtime and OpenVINO; None: one per core.
             verbose: print the chosen backend (and why others were skipped) to stderr.
             precision: 'fp32' (default), or 'bf16': the vision graph in bfloat16 on a CPU that
@@ -159,16 +163,31 @@ class Detector:
         Raises:
             ConfigError: ``backend`` or ``precision`` is not a known name (the message lists
                 the registered backends), or bf16 is asked of another backend than OpenVINO.
-            BundleError: the bundle is invalid; or the explicit backend does not fit it; or
-                (auto) no backend can run it (the message gives each backend's reason).
+            BundleError: the bundle is invalid or changed since it was opened; or the explicit
+                backend does not fit it; or (auto) no backend can run it (the message gives
+                each backend's reason).
+            BackendError: the backend failed with an error of its own (chained as the cause).
             MissingDependencyError: the explicit backend's package (or plug-in) is not
                 installed.
         """
         check_backend_choice(backend, precision, threads)  # before a large bundle is hashed
-        if not isinstance(bundle, Bundle):
+        if isinstance(bundle, Bundle):
+            bundle = reopen_bundle(bundle, verify=verify)
+        else:
             bundle = open_bundle(bundle, verify=verify)
         _check_bundle(bundle)
-        vision, head, skipped = open_backends(bundle, backend, threads=threads, precision=precision)
+        try:
+            vision, head, skipped = open_backends(
+                bundle, backend, threads=threads, precision=precision
+            )
+        except CopsError:
+            raise
+        except Exception as exc:  # a backend's own error that escaped its class
+            raise BackendError(
+                f"backend {backend!r} cannot open bundle {bundle.root} "
+                f"({type(exc).__name__}: {exc}). Fix: pass another backend, or re-export the "
+                f"bundle if the message points at it."
+            ) from exc
         detector = cls(bundle, vision, head, skipped)
         message = f"cops: {detector.describe()}"
         _LOG.info(message)

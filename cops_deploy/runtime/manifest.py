@@ -513,7 +513,32 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: Any) -> Manifest:
-        """Parse and validate a manifest; raises BundleError naming the offending key."""
+        """Parse and validate a manifest; raises BundleError naming the offending key.
+
+        Whatever the shape of ``data`` (nesting, types, huge numbers), the only error raised is
+        a BundleError: a Python error that escapes a check (e.g. OverflowError on an integer too
+        large for a float) becomes one, with the original chained.
+        """
+        try:
+            return cls._parse(data)
+        except BundleError:
+            raise
+        except (
+            TypeError,
+            ValueError,
+            KeyError,
+            AttributeError,
+            OverflowError,
+            RecursionError,
+        ) as exc:
+            raise BundleError(
+                f"{MANIFEST_NAME} cannot be read ({type(exc).__name__}: {_short(str(exc))}); "
+                f"valid: a manifest as manifest.schema.json describes, with numbers a float can "
+                f"hold. {FIX_REEXPORT}"
+            ) from exc
+
+    @classmethod
+    def _parse(cls, data: Any) -> Manifest:
         _check_schema_version(data)
         _validate(data)
         threshold = data["threshold"]

@@ -1,9 +1,14 @@
-"""``cops predict --bundle``: scores and PNGs written, bad files named and skipped, no overwrite."""
+"""``cops predict --bundle``: scores and PNGs written, bad files named and skipped, no overwrite;
+every tampered bundle of tests/runtime/tampered_bundles.py refused (exit 2, one message, no
+traceback), each run under a timeout."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,8 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "runtime"))
 import cops_tiny_bundle  # noqa: E402
+import tampered_bundles as tb  # noqa: E402
 
 from cops_deploy.cli.predict_bundle import predict_with_bundle  # noqa: E402
 from cops_deploy.errors import BundleError, ConfigError, CopsError, ImageReadError  # noqa: E402
@@ -129,3 +136,54 @@ def test_openvino_bf16_through_the_cops_command(
     report = json.loads((out / "scores.json").read_text())
     assert (report["backend"], report["precision"]) == ("openvino", "bf16")
     assert len(report["results"]) == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# The tampered-bundle set (tests/runtime/tampered_bundles.py) through the `cops` command
+
+
+@pytest.fixture(scope="module")
+def tamper_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    graphs = cops_tiny_bundle.export_tiny_graphs(
+        tmp_path_factory.getbasetemp() / "cops_tiny_graphs"
+    )
+    return tb.make_base(graphs, tmp_path_factory.mktemp("tamper") / "base")
+
+
+@pytest.fixture(scope="module")
+def one_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tamper_in") / "a.png"
+    Image.fromarray(cops_tiny_bundle.rng_images(1, seed=2)[0]).save(path)
+    return path
+
+
+def run_cops(*argv: str) -> subprocess.CompletedProcess[str]:
+    """``cops ARGV`` in a fresh process (this checkout first on the path), under a timeout."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [sys.executable, "-m", "cops_deploy.cli.main", *argv]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=tb.TIMEOUT)
+
+
+def test_the_untampered_base_runs(tamper_base: Path, one_image: Path, tmp_path: Path) -> None:
+    done = run_cops(
+        "predict", str(one_image), "--bundle", str(tamper_base), "--out", str(tmp_path / "o")
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "o" / "scores.json").is_file()
+
+
+@pytest.mark.parametrize("case", tb.CASES, ids=tb.CASE_IDS)
+def test_tampered_bundle_is_refused_by_cops_predict(
+    tamper_base: Path, one_image: Path, tmp_path: Path, case: tb.Case
+) -> None:
+    root = tb.tampered(tamper_base, tmp_path / "bundle", case)
+    out = tmp_path / "out"
+    done = run_cops("predict", str(one_image), "--bundle", str(root), "--out", str(out))
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert re.search(r"^cops predict: error: ", done.stderr, re.MULTILINE), done.stderr
+    assert re.search(case.message, done.stderr), done.stderr
+    assert not (out / "scores.json").exists()

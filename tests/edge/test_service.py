@@ -3,7 +3,8 @@
 The main server is the real entry point, ``python -m cops_service``, in a subprocess on
 127.0.0.1 (settings from flags and environment variables); it is stopped with SIGTERM and must
 exit 0. Every answer is compared with ``Detector.predict`` on the same file in this process.
-State tests (opening, failure, no threshold) serve ``create_app`` with uvicorn in a thread.
+State tests (opening, failure, no threshold) serve ``create_app`` with uvicorn in a thread; so
+do the tampered-bundle cases (tests/runtime/tampered_bundles.py), each refused at open.
 Every request has a timeout and every wait is a bounded loop.
 """
 
@@ -39,6 +40,7 @@ uvicorn = pytest.importorskip("uvicorn", reason="the service needs uvicorn (its 
 pytest.importorskip("fastapi", reason="the service needs fastapi (its [serve] extra)")
 pytest.importorskip("multipart", reason="the service needs python-multipart ([serve] extra)")
 
+import tampered_bundles as tb  # noqa: E402  (tests/runtime, on the path: see conftest.py)
 from cops_service.app import create_app  # noqa: E402
 from cops_service.settings import ServiceCfg, parse_cfg  # noqa: E402
 
@@ -655,6 +657,51 @@ def test_cli_exits_1_when_the_bundle_cannot_open(tmp_path: Path) -> None:
     assert done.returncode == 1, done.stderr
     assert f"cannot serve bundle {missing}" in done.stderr
     assert "Fix" in done.stderr.split("cannot serve bundle")[-1]
+
+
+# ----------------------------------------------------------------------------------------------
+# The tampered-bundle set (tests/runtime/tampered_bundles.py): refused at open, never served
+
+
+@pytest.fixture(scope="module")
+def tamper_base(tmp_path_factory: pytest.TempPathFactory, edge_graphs: Path) -> Path:
+    return tb.make_base(edge_graphs, tmp_path_factory.mktemp("service_tamper") / "base")
+
+
+@pytest.mark.parametrize("case", tb.CASES, ids=tb.CASE_IDS)
+def test_tampered_bundle_is_refused_by_the_service(
+    tamper_base: Path, tmp_path: Path, image_files: dict[str, Path], case: tb.Case
+) -> None:
+    root = tb.tampered(tamper_base, tmp_path / "bundle", case)
+    failures: list[str] = []
+    cfg = ServiceCfg(bundle=root, threads=1)  # backend auto, verification by default
+    app = create_app(cfg, on_open_failure=failures.append)
+    with serve_in_thread(app) as c:
+        wait_until(lambda: bool(failures), "the open to fail", timeout=tb.TIMEOUT)
+        response = c.get("/ready")
+        check_error(response, 503, "not_ready")
+        assert response.json()["status"] == "failed"
+        assert re.search(case.message, response.json()["message"])
+        check_error(post_image(c, image_files["rgb.png"], "raw"), 503, "not_ready")
+        assert c.get("/health").status_code == 200
+    assert re.search(case.message, failures[0])
+    assert not re.match(r"^[A-Za-z]*(Error|Exception): ", failures[0])  # a typed refusal
+
+
+@pytest.mark.parametrize("name", ["flip vision.onnx.data", "vision.onnx reads an unlisted file"])
+def test_service_process_exits_1_on_a_tampered_bundle(
+    tamper_base: Path, tmp_path: Path, name: str
+) -> None:
+    case = next(c for c in tb.CASES if c.name == name)
+    root = tb.tampered(tamper_base, tmp_path / "bundle", case)
+    command = [sys.executable, "-m", "cops_service", "--bundle", str(root)]
+    command += ["--host", HOST, "--port", str(free_port()), "--log-level", "warning"]
+    done = subprocess.run(
+        command, env=service_env(), capture_output=True, text=True, timeout=tb.TIMEOUT
+    )
+    assert done.returncode == 1, done.stderr
+    assert f"cannot serve bundle {root}" in done.stderr
+    assert re.search(case.message, done.stderr) and "Traceback" not in done.stderr
 
 
 def test_script_form_shows_its_help() -> None:

@@ -73,13 +73,19 @@ def set_meta(writer: BundleWriter, **overrides: object) -> None:
     writer.set_metadata(**meta)  # type: ignore[arg-type]
 
 
+def tagged(tag: bytes) -> bytes:
+    """A valid (empty) ONNX model whose doc string is ``tag``: the reader parses .onnx files."""
+    model = helper.make_model(helper.make_graph([], "head", [], []), doc_string=tag.decode())
+    return model.SerializeToString()
+
+
 def write_minimal(out: Path, tag: bytes = b"v1", force: bool = False) -> Path:
-    """A small valid bundle whose head graph content is ``tag`` (to tell versions apart)."""
+    """A small valid bundle whose head graph is ``tagged(tag)`` (to tell versions apart)."""
     src = out.parent / f"src-{out.name}-{tag.decode()}"
     make_onnx(src / "vision.onnx", external=False)
     with BundleWriter(out, force=force) as w:
         w.add_onnx(src / "vision.onnx", "vision_onnx")
-        w.add_bytes(tag, "head.onnx", "head_onnx")
+        w.add_bytes(tagged(tag), "head.onnx", "head_onnx")
         set_meta(w)
     return out
 
@@ -179,14 +185,14 @@ def test_existing_bundle_without_force(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="already exists; refusing to overwrite.*--force"):
         write_minimal(out, b"v2")
     assert (out / MANIFEST_NAME).read_bytes() == before
-    assert (out / "head.onnx").read_bytes() == b"v1"
+    assert (out / "head.onnx").read_bytes() == tagged(b"v1")
     assert siblings(out) == ["b"]
 
 
 def test_force_replaces(tmp_path: Path) -> None:
     out = write_minimal(tmp_path / "b", b"v1")
     write_minimal(out, b"v2", force=True)
-    assert (out / "head.onnx").read_bytes() == b"v2"
+    assert (out / "head.onnx").read_bytes() == tagged(b"v2")
     open_bundle(out)
     assert siblings(out) == ["b"]
 
@@ -216,7 +222,7 @@ def test_exception_inside_writer_leaves_old_bundle_and_no_temp(tmp_path: Path) -
             assert staging.is_dir()
             raise RuntimeError("boom")
     assert not staging.exists()
-    assert (out / "head.onnx").read_bytes() == b"v1"
+    assert (out / "head.onnx").read_bytes() == tagged(b"v1")
     open_bundle(out)
     assert siblings(out) == ["b"]
 
@@ -244,7 +250,7 @@ def test_failed_final_rename_restores_old_bundle(
     monkeypatch.setattr(bundle_writer.os, "rename", flaky_rename)
     with pytest.raises(OSError, match="disk full"):
         write_minimal(out, b"v2", force=True)
-    assert (out / "head.onnx").read_bytes() == b"v1"
+    assert (out / "head.onnx").read_bytes() == tagged(b"v1")
     open_bundle(out)
     assert siblings(out) == ["b"]
 
@@ -255,7 +261,7 @@ def test_missing_required_role_fails_commit_cleanly(tmp_path: Path) -> None:
         with BundleWriter(out, force=True) as w:
             w.add_bytes(b"v2", "head.onnx", "head_onnx")
             set_meta(w)
-    assert (out / "head.onnx").read_bytes() == b"v1"
+    assert (out / "head.onnx").read_bytes() == tagged(b"v1")
     assert siblings(out) == ["b"]
 
 
@@ -400,3 +406,77 @@ def test_unreadable_onnx_file(tmp_path: Path) -> None:
     bad.write_bytes(b"\xff\xfe not a protobuf")
     with pytest.raises(BundleError, match="cannot read ONNX file .*bad.onnx"):
         onnx_external_data_files(bad)
+
+
+# -- temporaries and file modes ----------------------------------------------------------------
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait(timeout=60)
+    return child.pid
+
+
+def test_stale_temporaries_are_removed_by_the_next_writer(tmp_path: Path) -> None:
+    out = tmp_path / "b"
+    dead = dead_pid()
+    stale = [tmp_path / f".b.{kind}-{dead}-0123abcd" for kind in bundle_writer.TEMP_KINDS]
+    for folder in stale:
+        (folder / "sub").mkdir(parents=True)
+        (folder / "sub" / "vision.onnx.data").write_bytes(b"half written")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        kept = [
+            tmp_path / f".b.work-{live.pid}-0123abcd",  # an export that still runs
+            tmp_path / f".b.tmp-{os.getpid()}-0123abcd",  # this process's own
+            tmp_path / f".other.tmp-{dead}-0123abcd",  # another bundle's
+            tmp_path / ".b.tmp-notapid",  # not a name this package makes
+        ]
+        for folder in kept:
+            folder.mkdir()
+        write_minimal(out)
+        assert not any(folder.exists() for folder in stale)
+        assert all(folder.is_dir() for folder in kept)
+        assert bundle_writer.clean_stale_temporaries(out) == []
+    finally:
+        live.kill()
+        live.wait(timeout=60)
+    assert bundle_writer.clean_stale_temporaries(out) == [kept[0]]
+
+
+def test_an_interrupted_replacement_puts_the_old_bundle_back(tmp_path: Path) -> None:
+    out = write_minimal(tmp_path / "b", b"v1")
+    aside = tmp_path / f".b.old-{dead_pid()}-0123abcd"
+    os.rename(out, aside)  # killed between moving the old bundle aside and the new one in
+    with pytest.raises(BundleError, match="already exists"):
+        write_minimal(out, b"v2")  # the old bundle is back: replacing it needs --force
+    assert (out / "head.onnx").read_bytes() == tagged(b"v1")
+    assert siblings(out) == ["b"]
+
+
+@pytest.mark.parametrize(
+    ("umask", "folder", "file"), [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)]
+)
+def test_bundle_modes_follow_the_umask(tmp_path: Path, umask: int, folder: int, file: int) -> None:
+    src = tmp_path / "src"
+    make_onnx(src / "vision.onnx", external=True)
+    old = os.umask(umask)
+    try:
+        out = tmp_path / "b"
+        with BundleWriter(out) as w:
+            w.add_onnx(src / "vision.onnx", "vision_onnx")
+            w.add_bytes(tagged(b"v1"), "head.onnx", "head_onnx")
+            w.add_array(np.zeros(3, np.float32), "tables/t.npy", "table")
+            set_meta(w)
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == folder
+    assert (out / "tables").stat().st_mode & 0o777 == folder
+    for name in (MANIFEST_NAME, "vision.onnx", "vision.onnx.data", "head.onnx", "tables/t.npy"):
+        assert (out / name).stat().st_mode & 0o777 == file, name
+
+
+def test_make_temp_dir_refuses_an_unknown_kind(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="unknown temporary kind 'scratch'"):
+        bundle_writer.make_temp_dir(tmp_path / "b", "scratch")

@@ -7,8 +7,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import os
+import re
 import shutil
+import signal
+import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 from typing import Any
@@ -18,18 +23,22 @@ import pytest
 import torch
 
 from cops_deploy import create_model, save_model
+from cops_deploy.configs import get_config
 from cops_deploy.errors import BundleError, ConfigError, MissingDependencyError
+from cops_deploy.export.bundle_writer import BundleWriter
 from cops_deploy.export.onnx_export import run_onnxruntime, synthetic_images
 from cops_deploy.export.pipeline import (
+    PARITY_TOLERANCES,
     STAGES,
     ExportCfg,
     Stage,
     add_engines,
+    check_parity,
     default_engine_cache,
     export_bundle,
 )
 from cops_deploy.runtime.bundle import Bundle, open_bundle, sha256_file
-from cops_deploy.runtime.manifest import EngineKey
+from cops_deploy.runtime.manifest import EngineKey, Provenance
 
 TOL = 1e-5
 
@@ -332,7 +341,16 @@ def test_cfg_refusals(changes, message):
 
 
 @pytest.mark.parametrize(
-    "name", ["random_weights", "force", "triton", "torch_weights", "rebuild_engines", "ort_variant"]
+    "name",
+    [
+        "random_weights",
+        "force",
+        "triton",
+        "torch_weights",
+        "rebuild_engines",
+        "ort_variant",
+        "allow_parity_drift",
+    ],
 )
 def test_cfg_refuses_non_bool_flags(name):
     with pytest.raises(ConfigError, match=f"invalid ExportCfg.{name} 'yes'.*True or False"):
@@ -342,3 +360,144 @@ def test_cfg_refuses_non_bool_flags(name):
 def test_replace_validates_again():
     with pytest.raises(ConfigError, match="--max-batch must be >= 1"):
         ExportCfg(**good()).replace(max_batch=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity gate: a bundle that drifts from PyTorch is not written unless allowed
+
+
+def test_parity_is_recorded_with_its_tolerance(exported):
+    parity = exported["bundle"].manifest.parity
+    assert parity["tolerance"] == dict(PARITY_TOLERANCES["fp32"])
+    assert "drift_allowed" not in parity
+    assert check_parity(parity, "fp32") == []
+
+
+def test_check_parity_names_each_drifting_output():
+    good = {"anomaly_map_max_abs": 1e-6, "pred_score_max_abs": 1e-7}
+    assert check_parity(good, "fp32") == []
+    assert check_parity({**good, "anomaly_map_max_abs": 2e-3}, "fp16") == []
+    drifted = {
+        **good,
+        "pred_score_max_abs": 0.25,
+        "ort_variant": {**good, "anomaly_map_max_abs": 3e-4},
+    }
+    assert check_parity(drifted, "fp32") == [
+        "pred_score_max_abs 0.25 > 1e-05",
+        "ort_variant.anomaly_map_max_abs 0.0003 > 0.0001",
+    ]
+    assert check_parity({**good, "anomaly_map_max_abs": float("nan")}, "fp32") == [
+        "anomaly_map_max_abs nan > 0.0001"
+    ]
+    assert check_parity({"pred_score_max_abs": 0.0}, "fp32") == [
+        "anomaly_map_max_abs None (no finite figure)"
+    ]
+
+
+@pytest.fixture
+def drifting_graphs(monkeypatch):
+    """The parity measurement sees an anomaly map 0.01 off (as if a graph computed another
+    function): ONNX Runtime's head output is corrupted where export measures it."""
+    from cops_deploy.export import onnx_export
+
+    real = onnx_export.run_onnxruntime
+
+    def corrupted(path, feed):
+        outputs = real(path, feed)
+        if "anomaly_map" in outputs:
+            outputs["anomaly_map"] = outputs["anomaly_map"] + np.float32(0.01)
+        return outputs
+
+    monkeypatch.setattr(onnx_export, "run_onnxruntime", corrupted)
+
+
+def test_drifting_export_is_refused_by_cops_export(tmp_path, drifting_graphs, capsys):
+    from cops_deploy.cli.export import main
+
+    out = tmp_path / "b"
+    argv = ["--model", "cops-tiny", "--random-weights", "--no-ort-variant", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "parity check failed, no bundle written" in err
+    assert re.search(r"anomaly_map_max_abs 0\.01\d* > 0\.0001", err), err
+    assert "--allow-parity-drift" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # no bundle, no temporaries
+
+
+def test_drifting_export_allowed_is_written_and_recorded(tmp_path, drifting_graphs):
+    recorder = Recorder()
+    cfg = ExportCfg(
+        out=tmp_path / "b",
+        model="cops-tiny",
+        random_weights=True,
+        ort_variant=False,
+        allow_parity_drift=True,
+    )
+    bundle = export_bundle(cfg, recorder)
+    drift = bundle.manifest.parity["drift_allowed"]
+    assert len(drift) == 1 and drift[0].startswith("anomaly_map_max_abs 0.01")
+    assert any(n.startswith("warning: parity exceeds the fp32 tolerance") for n in recorder.notes())
+
+
+def test_cli_flag_reaches_the_cfg():
+    from cops_deploy.cli.export import build_parser, export_cfg
+
+    base = ["--model", "cops-tiny", "--random-weights", "--out", "b"]
+    assert export_cfg(build_parser().parse_args(base)).allow_parity_drift is False
+    args = build_parser().parse_args([*base, "--allow-parity-drift"])
+    assert export_cfg(args).allow_parity_drift is True
+
+
+# ---------------------------------------------------------------------------------------------
+# An interrupted export leaves nothing behind
+
+
+def _start_export(out: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "cops_deploy.cli.export", "--model", "cops-tiny"]
+    command += ["--random-weights", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _wait_for_work_dir(proc: subprocess.Popen, out: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.name.startswith(f".{out.name}.work-") for p in out.parent.iterdir()):
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the export ended before it began: {proc.communicate()}")
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail("the export made no work folder in time")
+
+
+def test_sigterm_stops_an_export_and_removes_its_temporaries(tmp_path):
+    out = tmp_path / "b"
+    proc = _start_export(out)
+    _wait_for_work_dir(proc, out)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert b"stopped by SIGTERM; temporary folders removed" in err
+    assert b"Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_export_is_cleaned_by_the_next_writer(tmp_path):
+    out = tmp_path / "b"
+    proc = _start_export(out)
+    _wait_for_work_dir(proc, out)
+    proc.kill()  # SIGKILL: nothing can clean up
+    proc.communicate(timeout=120)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert any(".work-" in name for name in left) and any(".tmp-" in name for name in left)
+    with BundleWriter(out) as writer:  # the next writer of this bundle removes them
+        assert sorted(p.name for p in tmp_path.iterdir() if p != writer.staging_dir) == []
+        writer.add_bytes(b"", "vision.onnx", "vision_onnx")  # an empty file is a valid ONNX
+        writer.add_bytes(b"", "head.onnx", "head_onnx")  # protobuf (no graph)
+        writer.set_metadata(
+            model_config=get_config("cops-tiny").to_dict(),
+            graphs={},
+            provenance=Provenance(random_weights=True),
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]

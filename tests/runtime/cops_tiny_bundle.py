@@ -173,8 +173,12 @@ def write_tiny_bundle(
     threshold: float | None = None,
     engines: bool = False,
     engine_changes: Mapping[str, str] | None = None,
+    preprocess: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a cops-tiny bundle from ``export_tiny_graphs`` output into ``out``."""
+    """Write a cops-tiny bundle from ``export_tiny_graphs`` output into ``out``.
+
+    ``preprocess`` overrides values of the model config's preprocessing (e.g. mean and std; the
+    graphs do not depend on them)."""
     from cops_deploy.configs import get_config
     from cops_deploy.export.bundle_writer import BundleWriter
     from cops_deploy.runtime.bundle import sha256_file
@@ -199,8 +203,10 @@ def write_tiny_bundle(
                 fake.parent.mkdir(exist_ok=True)
                 fake.write_bytes(b"not a real engine")
                 writer.add_engine(fake, key, f"{graph}.engine")
+        model_config = cfg.to_dict()
+        model_config["preprocess"] = {**model_config["preprocess"], **dict(preprocess or {})}
         writer.set_metadata(
-            model_config=cfg.to_dict(),
+            model_config=model_config,
             graphs={
                 "vision": graph_io(graphs_dir / "vision.onnx", "vision.onnx"),
                 "head": graph_io(graphs_dir / "head.onnx", "head.onnx"),

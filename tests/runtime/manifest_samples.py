@@ -2,7 +2,9 @@
 
 ``make_manifest(files)`` is a valid schema-2 manifest dict for ``files`` (name -> (content,
 role)), with the paper's model config (preprocess size 518, as its graph specs say);
-``write_bundle`` writes the files and the manifest into a folder.
+``write_bundle`` writes the files and the manifest into a folder. The ``.onnx`` files are
+minimal ONNX models (``onnx_bytes``: inputs and outputs, no nodes) whose inputs and outputs are
+those of the manifest's graphs: the reader parses them.
 """
 
 from __future__ import annotations
@@ -78,10 +80,47 @@ def make_manifest(files: dict[str, tuple[bytes, str]]) -> dict[str, Any]:
     }
 
 
+DOC = "a hand-written sample graph"  # its bytes can change without breaking the protobuf
+
+
+def onnx_bytes(
+    inputs: list[tuple[str, list[int | str]]] = (),
+    outputs: list[tuple[str, list[int | str]]] = (),
+    external: dict[str, str] | None = None,
+) -> bytes:
+    """A minimal ONNX model (no nodes): ``inputs``/``outputs`` as (name, shape) float tensors;
+    ``external`` maps initializer names to external-data locations."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    def value(name: str, shape: list[int | str]) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+    initializers = []
+    for name, location in (external or {}).items():
+        tensor = helper.make_tensor(name, TensorProto.FLOAT, [2], [0.0, 0.0])
+        tensor.ClearField("float_data")
+        tensor.data_location = TensorProto.EXTERNAL
+        entry = tensor.external_data.add()
+        entry.key, entry.value = "location", location
+        initializers.append(tensor)
+    graph = helper.make_graph(
+        [], "g", [value(*i) for i in inputs], [value(*o) for o in outputs], initializers
+    )
+    model = helper.make_model(graph, doc_string=DOC)
+    return model.SerializeToString()
+
+
+VISION_IO = {
+    "inputs": [("image", ["batch", 3, 518, 518])],
+    "outputs": [("image_embedding", ["batch", 768]), ("patch_embeddings", ["batch", 1369, 768])],
+}
+
+
 def default_files() -> dict[str, tuple[bytes, str]]:
     return {
-        "vision.onnx": (b"fake vision graph" * 7, "vision_onnx"),
-        "head.onnx": (b"fake head graph" * 5, "head_onnx"),
+        "vision.onnx": (onnx_bytes(**VISION_IO), "vision_onnx"),
+        "head.onnx": (onnx_bytes(), "head_onnx"),
         "vision.engine": (b"fake engine", "engine"),
         "tables/bias.npy": (npy_bytes(np.arange(6, dtype=np.float32).reshape(2, 3)), "table"),
     }

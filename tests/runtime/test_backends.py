@@ -153,10 +153,13 @@ def test_bad_feed_is_refused(bundle: Bundle, case: str) -> None:
 
 def test_unreadable_graph_is_refused(make_bundle, tmp_path: Path) -> None:
     root = make_bundle(torch_weights=False)
+    opened = open_bundle(root, verify=False)  # garbled after opening: the backend still refuses
     (root / "vision.onnx").write_bytes(b"\0" * (root / "vision.onnx").stat().st_size)
-    backend = OnnxRuntimeBackend(open_bundle(root, verify=False), "vision")
+    backend = OnnxRuntimeBackend(opened, "vision")
     with pytest.raises(BundleError, match="ONNX Runtime cannot load graph 'vision'"):
         backend.activate()
+    with pytest.raises(BundleError, match="'vision.onnx' is not a valid ONNX model"):
+        open_bundle(root, verify=False)  # and opening it now refuses it before any backend
 
 
 def test_manifest_and_graph_names_must_agree(bundle: Bundle) -> None:

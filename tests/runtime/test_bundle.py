@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from manifest_samples import (
+    DOC,
     MODEL_CFG,
     SHA_A,
     SHA_B,
@@ -101,9 +102,12 @@ def test_tampered_file_one_byte_flipped(bundle_dir: Path) -> None:
 def test_tampered_file_passes_without_verify(bundle_dir: Path) -> None:
     path = bundle_dir / "head.onnx"
     content = bytearray(path.read_bytes())
-    content[0] ^= 0xFF
+    at = content.index(DOC.encode())  # a byte change that keeps a valid ONNX file
+    content[at] ^= 0x01
     path.write_bytes(bytes(content))
     assert not open_bundle(bundle_dir, verify=False).verified
+    with pytest.raises(BundleError, match="'head.onnx' has sha256"):
+        open_bundle(bundle_dir)
 
 
 def test_truncated_file(bundle_dir: Path) -> None:

@@ -6,7 +6,9 @@ manifest), and ``infer(feed)`` takes and returns ``{name: numpy array}``. The fe
 once, here in the base class (names, dtype, rank, fixed dims, agreement of named dims such as
 the batch), so subclasses only run the graph; ``last_inference_time`` holds the seconds the
 latest call spent in the graph. Calls are serialised with a lock unless the subclass declares
-``thread_safe``.
+``thread_safe``. An exception of the backend's own (anything but a :class:`CopsError`) raised
+while activating or running is re-raised as a :class:`BackendError` naming the graph and the
+backend, with the original chained as its cause.
 
 A backend class also says, as class methods, whether it can run a bundle here without importing
 its package (:meth:`Backend.unavailable_reason`) and how to open the bundle's vision and head
@@ -26,7 +28,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from cops_deploy.errors import BundleError, ConfigError, CopsError
+from cops_deploy.errors import BackendError, BundleError, ConfigError, CopsError
 from cops_deploy.runtime.bundle import Bundle
 from cops_deploy.runtime.contract import GRAPH_IO_NAMES
 from cops_deploy.runtime.manifest import GraphIO, TensorSpec
@@ -188,7 +190,16 @@ class Backend(abc.ABC):
                 f"backend {self.name!r} ({self.kind}) is already active. Fix: activate it once "
                 f"(`with backend:` does it for you), or deactivate() it first."
             )
-        self._activate()
+        try:
+            self._activate()
+        except CopsError:
+            raise
+        except Exception as exc:  # the backend's own types (pybind11, RuntimeError, ...)
+            raise BackendError(
+                f"backend {self.kind!r} cannot load graph {self.name!r} "
+                f"({type(exc).__name__}: {exc}). Fix: open the bundle again with verification "
+                f"(Detector.open(path)), re-export it if it is refused, or pass another backend."
+            ) from exc
         self.is_active = True
 
     def deactivate(self) -> None:
@@ -245,7 +256,18 @@ class Backend(abc.ABC):
 
     def _timed_infer(self, feed: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
         start = time.perf_counter()
-        outputs = self._infer(feed)
+        try:
+            outputs = self._infer(feed)
+        except CopsError:
+            raise
+        except Exception as exc:  # the backend's own types (pybind11, RuntimeError, MemoryError)
+            shapes = ", ".join(f"{k} {v.dtype}{list(v.shape)}" for k, v in feed.items())
+            raise BackendError(
+                f"backend {self.kind!r} failed to run graph {self.name!r} on {shapes} "
+                f"({type(exc).__name__}: {exc}). Fix: retry with a smaller batch if memory ran "
+                f"out; otherwise open the bundle again with verification, or pass another "
+                f"backend."
+            ) from exc
         return outputs, time.perf_counter() - start
 
     def check_feed(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
