@@ -90,6 +90,20 @@ def test_a_score_exactly_at_the_threshold_is_anomalous() -> None:
     assert Prediction(0.5, amap, None, None, (2, 2)).is_anomalous is None  # no threshold
 
 
+def test_the_image_set_digest_is_the_sha256_of_the_sorted_path_and_hash_lines(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "sub").mkdir()
+    for name in ("b.png", "a.png", "sub/c.png"):
+        Image.new("RGB", (4, 4), (len(name), 0, 0)).save(tmp_path / name)
+    files = [tmp_path / "sub" / "c.png", tmp_path / "b.png", tmp_path / "a.png"]
+    lines = [f"{n}\t{sha256_file(tmp_path / n)}\n" for n in ("a.png", "b.png", "sub/c.png")]
+    want = hashlib.sha256("".join(lines).encode()).hexdigest()
+    assert image_set_record(tmp_path, files).sha256 == want  # any order given: sorted
+    assert image_set_record(tmp_path) == image_set_record(tmp_path, files[::-1])
+    assert image_set_record(tmp_path).count == 3
+
+
 # ----------------------------------------------------------------------------------------------
 # Calibrating a bundle
 
