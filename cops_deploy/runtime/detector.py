@@ -303,10 +303,10 @@ class Detector:
             )
         items = _as_items(images)
         size = _check_batch_size(batch_size, self.max_batch) or self.max_batch
+        if min_area is not None:
+            check_min_area(min_area)
         cal = self._calibration if regions else None
-        area = (
-            None if cal is None else check_min_area(cal.min_area if min_area is None else min_area)
-        )
+        area = None if cal is None else (cal.min_area if min_area is None else min_area)
         predictions: list[Prediction] = []
         for start in range(0, len(items), size):
             chunk = items[start : start + size]

@@ -176,6 +176,8 @@ def test_the_detector_returns_mask_and_regions_at_the_original_size(
         (pred,) = detector.predict(image)
         (bigger,) = detector.predict(image, min_area=10**6)
         (raw,) = detector.predict(image, regions=False)
+        with pytest.raises(ConfigError, match="invalid min_area 0"):
+            detector.predict(image, min_area=0)
         cal = detector.calibration
     assert cal is not None and pred.pixel_threshold == cal.pixel_threshold
     assert pred.anomaly_map_original is not None and pred.mask is not None
