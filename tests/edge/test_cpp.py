@@ -395,6 +395,7 @@ def test_cops_detect_decides_and_finds_the_regions_of_python(
             assert g["peak"] == pytest.approx(w["peak"], abs=MAP_TOL)
             assert g["mean"] == pytest.approx(w["mean"], abs=MAP_TOL)
     assert flagged >= 2  # the calibration set's two, at least
+    assert f"; {flagged} anomalous at threshold" in proc.stdout, proc.stdout
     assert any(record["regions"] for record in report["results"])
 
 

@@ -234,6 +234,11 @@ int run(const std::string& bundle_dir, const std::vector<std::string>& inputs,
   }
   fs::rename(tmp, out);
   std::cout << "wrote " << scored << " result(s) to " << json_out;
+  if (detector.threshold()) {
+    size_t anomalous = 0;
+    for (const auto& r : results) anomalous += r["anomalous"] == true ? 1 : 0;
+    std::cout << "; " << anomalous << " anomalous at threshold " << *detector.threshold();
+  }
   if (!failures.empty()) std::cout << "; " << failures.size() << " file(s) failed";
   std::cout << "\n";
   return failures.empty() ? 0 : 1;
