@@ -42,8 +42,10 @@ from cops_deploy.runtime.backends import (
     open_backends,
 )
 from cops_deploy.runtime.bundle import Bundle, open_bundle, reopen_bundle
+from cops_deploy.runtime.calibration import load_calibration
 from cops_deploy.runtime.contract import ANOMALY_MAP, GRAPHS, IMAGE, PRED_SCORE
-from cops_deploy.runtime.manifest import Manifest
+from cops_deploy.runtime.manifest import Calibration, Manifest
+from cops_deploy.runtime.regions import Region, check_min_area, defect_regions
 
 __all__ = ["DEFAULT_MAX_BATCH", "Detector", "Prediction"]
 
@@ -58,10 +60,18 @@ class Prediction:
     Attributes:
         score: the image anomaly score (raw; the threshold is separate data).
         anomaly_map: (S, S) float32 map at the model's input size.
-        anomaly_map_original: (H, W) float32 map at the image's size, when asked for.
+        anomaly_map_original: (H, W) float32 map at the image's size, when asked for or when
+            the bundle is calibrated (the mask and regions are found on it).
         source: the file path the image came from, None for in-memory images.
         original_hw: (H, W) of the image after EXIF orientation.
         threshold: the bundle's decision threshold, None when the bundle has none.
+        pixel_threshold: the calibrated pixel threshold, None when the bundle has no
+            calibration record.
+        mask: (H, W) bool defect mask at the image's size (``anomaly_map_original >=
+            pixel_threshold``, in regions of at least ``min_area`` pixels); None without a
+            pixel threshold (or with ``predict(regions=False)``).
+        regions: the defect regions (8-connected, bounding box, area, peak and mean score) in
+            the image's pixel coordinates, in raster order; None when ``mask`` is None.
     """
 
     score: float
@@ -70,6 +80,9 @@ class Prediction:
     source: str | None
     original_hw: tuple[int, int]
     threshold: float | None = None
+    pixel_threshold: float | None = None
+    mask: np.ndarray | None = field(default=None, repr=False)
+    regions: tuple[Region, ...] | None = None
 
     @property
     def is_anomalous(self) -> bool | None:
@@ -128,6 +141,7 @@ class Detector:
         self.head = head
         self.backend_name = vision.kind
         self.skipped = dict(skipped)
+        self._calibration = load_calibration(bundle)  # read once: a re-calibration needs a reopen
         self._lock = threading.Lock()
         self._closed = False
 
@@ -213,6 +227,11 @@ class Detector:
         return self.manifest.threshold
 
     @property
+    def calibration(self) -> Calibration | None:
+        """The bundle's calibration record (thresholds, min_area, provenance), None: none."""
+        return self._calibration
+
+    @property
     def input_size(self) -> int:
         """Side of the square model input (and of ``Prediction.anomaly_map``)."""
         return self.manifest.preprocess.size
@@ -273,18 +292,27 @@ class Detector:
         images: ImageSource | Sequence[ImageSource],
         original_size: bool = False,
         batch_size: int | None = None,
+        regions: bool = True,
+        min_area: int | None = None,
     ) -> list[Prediction]:
         """Score one or many images; returns one Prediction per image, in input order.
+
+        With a calibrated bundle (:attr:`calibration`), each Prediction also holds the defect
+        mask and regions at the image's size (see :mod:`cops_deploy.runtime.regions`); the
+        decision ``is_anomalous`` needs only the bundle's ``threshold``.
 
         Args:
             images: a path, PIL image or uint8/uint16 array (any size; grey, RGB, RGBA), or a
                 list of them (mixed kinds allowed), or a 4-D (B, H, W, C) array.
             original_size: also give each map at the image's own size (bilinear).
             batch_size: images per graph call; None: :attr:`max_batch`.
+            regions: find the mask and regions when the bundle is calibrated (False: scores
+                and maps only, as for an uncalibrated bundle).
+            min_area: smallest region kept, in pixels; None: the calibration's ``min_area``.
 
         Raises:
             ImageReadError: an image cannot be read (the message gives its index and source).
-            ConfigError: ``batch_size`` is invalid.
+            ConfigError: ``batch_size`` or ``min_area`` is invalid.
             CopsError: the detector is closed.
         """
         if self._closed:
@@ -294,10 +322,14 @@ class Detector:
             )
         items = _as_items(images)
         size = _check_batch_size(batch_size, self.max_batch) or self.max_batch
+        if min_area is not None:
+            check_min_area(min_area)
+        cal = self._calibration if regions else None
+        area = None if cal is None else (cal.min_area if min_area is None else min_area)
         predictions: list[Prediction] = []
         for start in range(0, len(items), size):
             chunk = items[start : start + size]
-            predictions.extend(self._predict_chunk(chunk, start, len(items), original_size))
+            predictions.extend(self._predict_chunk(chunk, start, len(items), original_size, area))
         return predictions
 
     def _load(self, chunk: list[Any], start: int, total: int) -> tuple[np.ndarray, list]:
@@ -329,22 +361,32 @@ class Detector:
         return scores, maps
 
     def _predict_chunk(
-        self, chunk: list[Any], start: int, total: int, original_size: bool
+        self, chunk: list[Any], start: int, total: int, original_size: bool, min_area: int | None
     ) -> list[Prediction]:
+        """Predictions of ``chunk``; ``min_area`` None: no mask nor regions."""
         batch, sizes = self._load(chunk, start, total)
         scores, maps = self._run(batch)
+        cal = self._calibration if min_area is not None else None
         out = []
         for item, score, amap, hw in zip(chunk, scores, maps, sizes, strict=True):
             amap = amap.copy()  # (S, S), not a view that keeps the batch alive
             source = str(item) if isinstance(item, str | os.PathLike) else None
+            original = resize_map(amap, hw) if original_size or cal is not None else None
+            mask, found = None, None
+            if cal is not None and original is not None and min_area is not None:
+                mask, listed = defect_regions(original, cal.pixel_threshold, min_area)
+                found = tuple(listed)
             out.append(
                 Prediction(
                     score=float(score),
                     anomaly_map=amap,
-                    anomaly_map_original=resize_map(amap, hw) if original_size else None,
+                    anomaly_map_original=original,
                     source=source,
                     original_hw=hw,
                     threshold=self.threshold,
+                    pixel_threshold=None if cal is None else cal.pixel_threshold,
+                    mask=mask,
+                    regions=found,
                 )
             )
         return out

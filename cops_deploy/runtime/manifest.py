@@ -37,25 +37,30 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DTYPES",
+    "FIX_RECALIBRATE",
     "FIX_REEXPORT",
     "INTERPOLATIONS",
     "MANIFEST_NAME",
     "MAX_DEPTH",
     "ORT_VARIANT_SUFFIX",
     "REQUIRED_ROLES",
+    "ROLE_CALIBRATION",
     "ROLE_ENGINE",
     "ROLE_HEAD_ONNX",
     "ROLE_TABLE",
     "ROLE_VISION_ONNX",
     "SCHEMA_PATH",
     "SCHEMA_VERSION",
+    "Calibration",
     "EngineKey",
     "FileEntry",
     "GraphIO",
+    "ImageSetRecord",
     "Manifest",
     "PreprocessCfg",
     "Provenance",
     "TensorSpec",
+    "ThresholdRecord",
     "check_relative_path",
     "external_data_role",
     "load_schema",
@@ -74,6 +79,9 @@ ROLE_ENGINE = "engine"
 # graph's external data: role "<graph>_onnx_ort", e.g. "vision_onnx_ort".
 ORT_VARIANT_SUFFIX = "_onnx_ort"
 ROLE_TABLE = "table"
+# The calibration record (cops calibrate): a JSON file listed like any other, content-addressed
+# name 'calibration-<sha256 prefix>.json' so that re-calibrating never rewrites a listed file.
+ROLE_CALIBRATION = "calibration"
 REQUIRED_ROLES: tuple[str, ...] = (ROLE_VISION_ONNX, ROLE_HEAD_ONNX)
 
 FIX_REEXPORT = "Fix: re-export the bundle with cops-export (do not edit manifest.json by hand)."
@@ -623,3 +631,140 @@ class Manifest:
         for name in self.engines:
             if name not in seen:
                 raise _bad(f"engines.{name}", name, f"a listed file {listed}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The calibration record (a listed file of role 'calibration'; written by cops calibrate)
+
+FIX_RECALIBRATE = "Fix: run `cops calibrate` on the bundle again (do not edit the record by hand)."
+
+
+@dataclass(frozen=True)
+class ThresholdRecord:
+    """One calibrated threshold: ``value >= threshold`` decides 'anomalous' (or 'defective').
+
+    Attributes:
+        threshold: the threshold.
+        method: 'fpr' (target false-positive rate on normal values) or 'f1' (F1-optimal on
+            labelled values).
+        target_fpr: the target rate for 'fpr', None for 'f1'.
+        achieved: what the threshold gives on the calibration values (fpr, tpr, f1, counts).
+    """
+
+    threshold: float
+    method: str
+    target_fpr: float | None
+    achieved: dict[str, float | None]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class ImageSetRecord:
+    """A calibration image set: its count and the sha256 of its sorted (path, sha256) list."""
+
+    count: int
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"count": self.count, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The calibration record of a bundle (schema ``$defs/calibration``).
+
+    Attributes:
+        image: the image threshold on ``pred_score`` (the manifest's ``threshold`` equals it).
+        pixel: the pixel threshold on the anomaly map (defect mask: ``map >= threshold``).
+        min_area: defect regions with fewer pixels (original image size) are dropped.
+        images: 'normal' (always), 'anomalous' and 'masks' (when given) image sets.
+        backend, provider, precision: what scored the calibration images.
+        package_version: cops-deploy version that calibrated.
+        created: ISO 8601 UTC date-time of the calibration.
+    """
+
+    image: ThresholdRecord
+    pixel: ThresholdRecord
+    min_area: int
+    images: dict[str, ImageSetRecord]
+    backend: str
+    provider: str
+    precision: str
+    package_version: str
+    created: str
+
+    @property
+    def image_threshold(self) -> float:
+        """The image decision threshold (``score >= image_threshold``: anomalous)."""
+        return self.image.threshold
+
+    @property
+    def pixel_threshold(self) -> float:
+        """The pixel threshold (``map >= pixel_threshold``: defective pixel)."""
+        return self.pixel.threshold
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "calibration_version": 1,
+            "image": self.image.to_dict(),
+            "pixel": self.pixel.to_dict(),
+            "min_area": self.min_area,
+            "images": {k: v.to_dict() for k, v in self.images.items()},
+            "backend": self.backend,
+            "provider": self.provider,
+            "precision": self.precision,
+            "package_version": self.package_version,
+            "created": self.created,
+        }
+
+    def to_json(self) -> str:
+        """Strict JSON text, sorted keys, 2-space indent, trailing newline."""
+        return json.dumps(self.to_dict(), sort_keys=True, indent=2, allow_nan=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "calibration record") -> Calibration:
+        """Parse and validate against the schema's ``calibration``; BundleError naming the key."""
+        try:
+            _validate(data, "calibration", "")
+        except BundleError as exc:
+            text = str(exc).replace(FIX_REEXPORT, FIX_RECALIBRATE).replace("manifest ", "", 1)
+            text = text.replace(f"a schema-{SCHEMA_VERSION} manifest needs", "the record needs")
+            raise BundleError(f"{where}: {text}") from exc
+
+        def threshold(part: Mapping[str, Any]) -> ThresholdRecord:
+            target = part["target_fpr"]
+            return ThresholdRecord(
+                threshold=float(part["threshold"]),
+                method=part["method"],
+                target_fpr=None if target is None else float(target),
+                achieved=dict(part["achieved"]),
+            )
+
+        return cls(
+            image=threshold(data["image"]),
+            pixel=threshold(data["pixel"]),
+            min_area=data["min_area"],
+            images={k: ImageSetRecord(**v) for k, v in data["images"].items()},
+            backend=data["backend"],
+            provider=data["provider"],
+            precision=data["precision"],
+            package_version=data["package_version"],
+            created=data["created"],
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes, where: str = "calibration record") -> Calibration:
+        """Parse calibration JSON text (see ``from_dict``)."""
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise BundleError(
+                f"{where} is not valid UTF-8 JSON ({type(exc).__name__}: {_short(str(exc))}). "
+                f"{FIX_RECALIBRATE}"
+            ) from exc
+        return cls.from_dict(data, where)

@@ -11,6 +11,8 @@ with ``OpenVINO_DIR`` taken from the ``openvino`` package of this Python. Then:
 - ``cops-detect`` scores images of several formats, modes and sizes with the cops-tiny bundle
   (OpenVINO) and is compared with ``cops predict`` and the Python Detector (ONNX Runtime):
   score difference <= 1e-5, anomaly map difference <= 1e-4;
+- the map resize to the original size and the defect regions equal Python's (bit for bit); on
+  a bundle calibrated by ``cops calibrate``, ``cops-detect`` gives Python's decisions and regions;
 - the ``slow`` test does the same on a full-size bundle and prints the time per image.
 
 Bundles come from the library exporter (``cops_deploy.export.pipeline.export_bundle``), the same
@@ -34,9 +36,10 @@ from PIL import Image
 from cops_deploy.cli.main import main as cops_main
 from cops_deploy.errors import BundleError
 from cops_deploy.imaging.decode import load_image
-from cops_deploy.imaging.preprocess import preprocess
+from cops_deploy.imaging.preprocess import preprocess, resize_map
 from cops_deploy.runtime.bundle import open_bundle
 from cops_deploy.runtime.detector import Detector
+from cops_deploy.runtime.regions import defect_regions
 
 SOURCE = Path(__file__).resolve().parents[2] / "export" / "cpp"
 SCORE_TOL = 1e-5
@@ -313,6 +316,87 @@ def test_cops_detect_usage_errors_exit_2(cpp_build: Path, tiny_bundle, tmp_path:
     missing = tmp_path / "missing.jpg"
     proc = _run([detect, str(tiny_bundle), str(missing), "--json", str(tmp_path / "o.json")])
     assert proc.returncode == 2 and str(missing) in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration: the map at the original size, the regions, and the decisions
+
+
+def test_map_resize_and_regions_equal_python(cpp_build: Path, tmp_path: Path) -> None:
+    probe = str(cpp_build / "cops-imaging-probe")
+    rng = np.random.default_rng(5)
+    for w, h, ow, oh in [(98, 98, 140, 50), (98, 98, 50, 140), (98, 98, 1600, 1200), (7, 9, 2, 3)]:
+        amap = rng.random((h, w)).astype(np.float32)
+        amap.tofile(tmp_path / "map")
+        args = [str(tmp_path / "map"), str(w), str(h), str(ow), str(oh), str(tmp_path / "out")]
+        proc = _run([probe, "resize-map", *args])
+        assert proc.returncode == 0, proc.stderr
+        got = np.fromfile(tmp_path / "out", dtype=np.float32).reshape(oh, ow)
+        np.testing.assert_array_equal(got, resize_map(amap, (oh, ow)), err_msg=f"{w}x{h}")
+    y, x = np.mgrid[0:200, 0:300]
+    amap = (np.sin(x / 7) * np.cos(y / 9) + rng.random((200, 300)) * 0.3).astype(np.float32)
+    amap[50, 60] = 0.5  # exactly at the threshold: defective on both sides
+    amap.tofile(tmp_path / "map")
+    for threshold, min_area in [(0.5, 1), (0.5, 5), (0.9, 30)]:
+        args = [str(tmp_path / "map"), "300", "200", repr(threshold), str(min_area)]
+        proc = _run([probe, "regions", *args, str(tmp_path / "mask")])
+        assert proc.returncode == 0, proc.stderr
+        mask, regions = defect_regions(amap, threshold, min_area)
+        got = np.fromfile(tmp_path / "mask", dtype=np.uint8).reshape(200, 300)
+        np.testing.assert_array_equal(got.astype(bool), mask)
+        lines = [line.split() for line in proc.stdout.splitlines()]
+        assert len(lines) == len(regions) > 0
+        for fields, r in zip(lines, regions, strict=True):
+            assert list(map(int, fields[:5])) == [r.x, r.y, r.width, r.height, r.area]
+            assert float(fields[5]) == r.peak and float(fields[6]) == pytest.approx(r.mean, 1e-12)
+
+
+@pytest.fixture(scope="module")
+def calibrated_bundle(tiny_bundle: Path, images: list[Path], tmp_path_factory) -> Path:
+    """A copy of the tiny bundle calibrated by `cops calibrate` (OpenVINO, as cops-detect) on
+    eight of the images (target rate 0.25: two flagged), min area 3."""
+    root = tmp_path_factory.mktemp("cpp_calibrated")
+    bundle, normal = root / "bundle", root / "normal"
+    shutil.copytree(tiny_bundle, bundle)
+    normal.mkdir()
+    for path in images[:8]:
+        shutil.copy2(path, normal / path.name)
+    argv = ["calibrate", str(bundle), "--normal", str(normal), "--fpr", "0.25"]
+    assert cops_main([*argv, "--min-area", "3", "--backend", "openvino"]) == 0
+    return bundle
+
+
+def test_cops_detect_decides_and_finds_the_regions_of_python(
+    cpp_build: Path, calibrated_bundle: Path, images: list[Path], tmp_path: Path
+) -> None:
+    proc = _detect(cpp_build, calibrated_bundle, images, tmp_path)
+    assert proc.returncode == 0, _tail(proc)
+    report = json.loads((tmp_path / "cpp.json").read_text())
+    with Detector.open(calibrated_bundle, backend="openvino") as detector:
+        preds = detector.predict(images)
+        cal = detector.calibration
+    assert cal is not None
+    assert report["threshold"] == cal.image_threshold
+    assert report["pixel_threshold"] == cal.pixel_threshold and report["min_area"] == 3
+    flagged = 0
+    for record, pred in zip(report["results"], preds, strict=True):
+        assert record["source"] == pred.source
+        assert abs(record["score"] - pred.score) <= SCORE_TOL
+        if abs(pred.score - cal.image_threshold) > SCORE_TOL:  # else either side may decide
+            assert record["anomalous"] == pred.is_anomalous, record["source"]
+        flagged += bool(record["anomalous"])
+        # Same OpenVINO graphs on both sides: the maps are equal, and so are the regions.
+        want = [r.to_dict() for r in pred.regions or ()]
+        got = record["regions"]
+        assert [{k: r[k] for k in ("x", "y", "width", "height", "area")} for r in got] == [
+            {k: r[k] for k in ("x", "y", "width", "height", "area")} for r in want
+        ], record["source"]
+        for g, w in zip(got, want, strict=True):
+            assert g["peak"] == pytest.approx(w["peak"], abs=MAP_TOL)
+            assert g["mean"] == pytest.approx(w["mean"], abs=MAP_TOL)
+    assert flagged >= 2  # the calibration set's two, at least
+    assert f"; {flagged} anomalous at threshold" in proc.stdout, proc.stdout
+    assert any(record["regions"] for record in report["results"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -153,6 +153,7 @@ struct Detector::Impl {
   std::unique_ptr<GraphRunner> vision;
   std::unique_ptr<GraphRunner> head;
   std::map<std::string, std::string> skipped;
+  std::optional<Calibration> calibration;
 
   // (B, 3, S, S) images -> one Prediction each (source and sizes filled by the caller).
   std::vector<Prediction> run(Tensor batch) const {
@@ -205,8 +206,17 @@ struct Detector::Impl {
     }
     auto preds = run(std::move(batch));
     for (size_t i = 0; i < images.size(); ++i) {
-      preds[i].original_height = images[i]->height;
-      preds[i].original_width = images[i]->width;
+      Prediction& p = preds[i];
+      p.original_height = images[i]->height;
+      p.original_width = images[i]->width;
+      if (calibration) {  // mask and regions on the map at the original size
+        p.pixel_threshold = calibration->pixel_threshold;
+        p.anomaly_map_original = resize_map_bilinear(p.anomaly_map, p.map_size, p.map_size,
+                                                      p.original_width, p.original_height);
+        p.regions = defect_regions(p.anomaly_map_original.data(), p.original_height,
+                                   p.original_width, calibration->pixel_threshold,
+                                   calibration->min_area, &p.mask);
+      }
     }
     return preds;
   }
@@ -252,6 +262,7 @@ Detector Detector::open(const std::filesystem::path& path, const DetectorOptions
   auto impl = std::make_unique<Impl>();
   impl->bundle = open_bundle(path, options.verify);
   impl->plan = check_bundle(impl->bundle);
+  impl->calibration = load_calibration(impl->bundle);
   const std::vector<std::string> order =
       options.backend == "auto" ? kBackends : std::vector<std::string>{options.backend};
   for (const auto& kind : order) {
@@ -288,6 +299,7 @@ const Bundle& Detector::bundle() const { return impl_->bundle; }
 std::string Detector::backend_name() const { return impl_->kind; }
 std::string Detector::provider() const { return impl_->vision->provider(); }
 const std::map<std::string, std::string>& Detector::skipped() const { return impl_->skipped; }
+const std::optional<Calibration>& Detector::calibration() const { return impl_->calibration; }
 int Detector::max_batch() const { return impl_->max_batch(); }
 
 std::string Detector::describe() const {

@@ -188,6 +188,122 @@ RgbImage resize_bicubic(const RgbImage& image, int out_width, int out_height) {
   return out;
 }
 
+namespace {
+
+// Pillow's precompute_coeffs with the bilinear (triangle) filter, coefficients kept in double
+// (the 32-bit float path of libImaging/Resample.c does not round them to fixed point).
+struct FloatTaps {
+  int ksize = 0;
+  std::vector<int> first;
+  std::vector<int> count;
+  std::vector<double> weights;
+};
+
+FloatTaps make_bilinear_taps(int in_size, int out_size) {
+  const float in0 = 0.0f;
+  const float in1 = static_cast<float>(in_size);
+  const double scale = static_cast<double>(in1 - in0) / out_size;
+  const double filterscale = scale < 1.0 ? 1.0 : scale;
+  const double support = 1.0 * filterscale;
+  FloatTaps taps;
+  taps.ksize = static_cast<int>(std::ceil(support)) * 2 + 1;
+  taps.first.resize(out_size);
+  taps.count.resize(out_size);
+  taps.weights.assign(static_cast<size_t>(out_size) * taps.ksize, 0.0);
+  for (int xx = 0; xx < out_size; ++xx) {
+    const double center = in0 + (xx + 0.5) * scale;
+    const double ss = 1.0 / filterscale;
+    int xmin = static_cast<int>(center - support + 0.5);
+    if (xmin < 0) xmin = 0;
+    int xmax = static_cast<int>(center + support + 0.5);
+    if (xmax > in_size) xmax = in_size;
+    xmax -= xmin;
+    double* k = &taps.weights[static_cast<size_t>(xx) * taps.ksize];
+    double ww = 0.0;
+    for (int x = 0; x < xmax; ++x) {
+      double t = (x + xmin - center + 0.5) * ss;
+      if (t < 0.0) t = -t;
+      const double w = t < 1.0 ? 1.0 - t : 0.0;
+      k[x] = w;
+      ww += w;
+    }
+    for (int x = 0; x < xmax; ++x) {
+      if (ww != 0.0) k[x] /= ww;
+    }
+    taps.first[xx] = xmin;
+    taps.count[xx] = xmax;
+  }
+  return taps;
+}
+
+// Horizontal pass of a float image (rows [row0, row0 + rows) of `in`).
+std::vector<float> horizontal_f(const std::vector<float>& in, int in_w, int row0, int rows,
+                                const FloatTaps& taps, int out_w) {
+  std::vector<float> out(static_cast<size_t>(rows) * out_w);
+  for (int y = 0; y < rows; ++y) {
+    const float* src = in.data() + static_cast<size_t>(y + row0) * in_w;
+    for (int xx = 0; xx < out_w; ++xx) {
+      const double* k = &taps.weights[static_cast<size_t>(xx) * taps.ksize];
+      double ss = 0.0;
+      for (int x = 0; x < taps.count[xx]; ++x) ss += src[x + taps.first[xx]] * k[x];
+      out[static_cast<size_t>(y) * out_w + xx] = static_cast<float>(ss);
+    }
+  }
+  return out;
+}
+
+// Vertical pass; `first` indices are relative to the first row of `in`.
+std::vector<float> vertical_f(const std::vector<float>& in, int width, const FloatTaps& taps,
+                              const std::vector<int>& first, int out_h) {
+  std::vector<float> out(static_cast<size_t>(out_h) * width);
+  for (int yy = 0; yy < out_h; ++yy) {
+    const double* k = &taps.weights[static_cast<size_t>(yy) * taps.ksize];
+    for (int xx = 0; xx < width; ++xx) {
+      double ss = 0.0;
+      for (int y = 0; y < taps.count[yy]; ++y) {
+        ss += in[static_cast<size_t>(y + first[yy]) * width + xx] * k[y];
+      }
+      out[static_cast<size_t>(yy) * width + xx] = static_cast<float>(ss);
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+std::vector<float> resize_map_bilinear(const std::vector<float>& map, int width, int height,
+                                       int out_width, int out_height) {
+  if (out_width < 1 || out_height < 1 || width < 1 || height < 1 ||
+      map.size() != static_cast<size_t>(width) * height) {
+    throw ConfigError("cannot resize a " + std::to_string(width) + "x" + std::to_string(height) +
+                      " map of " + std::to_string(map.size()) + " values to " +
+                      std::to_string(out_width) + "x" + std::to_string(out_height) +
+                      "; valid: sizes >= 1 and width * height values.");
+  }
+  if (width == out_width && height == out_height) return map;
+  const bool need_h = out_width != width;
+  const bool need_v = out_height != height;
+  // The pass order of resize_bicubic (Pillow 13 chooses it the same way for every mode).
+  const bool vertical_first =
+      need_h && need_v && out_height < height && (height - out_height) > 2 * (width - out_width);
+  const FloatTaps vtaps = make_bilinear_taps(height, out_height);
+  if (vertical_first) {
+    const auto tmp = vertical_f(map, width, vtaps, vtaps.first, out_height);
+    return horizontal_f(tmp, width, 0, out_height, make_bilinear_taps(width, out_width),
+                        out_width);
+  }
+  if (!need_h) return vertical_f(map, width, vtaps, vtaps.first, out_height);
+  const int row_first = vtaps.first.front();
+  const int row_last = vtaps.first.back() + vtaps.count.back();
+  const FloatTaps htaps = make_bilinear_taps(width, out_width);
+  const int rows = need_v ? row_last - row_first : height;
+  const auto tmp = horizontal_f(map, width, need_v ? row_first : 0, rows, htaps, out_width);
+  if (!need_v) return tmp;
+  std::vector<int> vfirst = vtaps.first;
+  for (auto& f : vfirst) f -= row_first;
+  return vertical_f(tmp, out_width, vtaps, vfirst, out_height);
+}
+
 void preprocess_into(const RgbImage& image, int size, const std::array<double, 3>& mean,
                      const std::array<double, 3>& std, float* out) {
   const RgbImage resized = resize_bicubic(image, size, size);

@@ -4,6 +4,9 @@
 //   cops-imaging-probe decode IMAGE OUT             RGB bytes after orientation; prints "W H"
 //   cops-imaging-probe resize LIST                  each line: IN W H OUT_W OUT_H OUT (raw RGB)
 //   cops-imaging-probe tensor IMAGE SIZE M0 M1 M2 S0 S1 S2 OUT   float32 (3, SIZE, SIZE)
+//   cops-imaging-probe resize-map IN W H OUT_W OUT_H OUT   float32 maps (bilinear, as Pillow 'F')
+//   cops-imaging-probe regions IN W H THRESHOLD MIN_AREA MASK   float32 map -> uint8 mask;
+//                      prints one line per region: x y width height area peak mean
 // Exit status 1 with the error on stderr when something is refused.
 #include <fstream>
 #include <iostream>
@@ -11,6 +14,7 @@
 #include <sstream>
 #include <string>
 
+#include "cops/calibration.hpp"
 #include "cops/errors.hpp"
 #include "cops/image.hpp"
 
@@ -42,6 +46,14 @@ int resize_list(const std::string& list) {
   return 0;
 }
 
+std::vector<float> read_floats(const std::string& path, size_t count) {
+  std::ifstream raw(path, std::ios::binary);
+  std::vector<float> out(count);
+  raw.read(reinterpret_cast<char*>(out.data()), static_cast<std::streamsize>(count * 4));
+  if (!raw) throw cops::Error("cannot read " + std::to_string(count) + " floats from " + path);
+  return out;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -66,6 +78,27 @@ int main(int argc, char** argv) {
       std::vector<float> out(3ull * size * size);
       cops::preprocess_into(cops::load_image(argv[2]), size, mean, std, out.data());
       write(argv[10], out.data(), out.size() * sizeof(float));
+      return 0;
+    }
+    if (cmd == "resize-map" && argc == 8) {
+      const int w = std::stoi(argv[3]), h = std::stoi(argv[4]);
+      const auto map = read_floats(argv[2], static_cast<size_t>(w) * h);
+      const auto out = cops::resize_map_bilinear(map, w, h, std::stoi(argv[5]), std::stoi(argv[6]));
+      write(argv[7], out.data(), out.size() * sizeof(float));
+      return 0;
+    }
+    if (cmd == "regions" && argc == 8) {
+      const int w = std::stoi(argv[3]), h = std::stoi(argv[4]);
+      const auto map = read_floats(argv[2], static_cast<size_t>(w) * h);
+      std::vector<std::uint8_t> mask;
+      const auto regions =
+          cops::defect_regions(map.data(), h, w, std::stod(argv[5]), std::stoi(argv[6]), &mask);
+      write(argv[7], mask.data(), mask.size());
+      std::cout.precision(17);
+      for (const auto& r : regions) {
+        std::cout << r.x << " " << r.y << " " << r.width << " " << r.height << " " << r.area
+                  << " " << r.peak << " " << r.mean << "\n";
+      }
       return 0;
     }
     std::cerr << usage << "\n";

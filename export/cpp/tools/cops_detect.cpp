@@ -7,8 +7,11 @@
 // sorted), as `cops predict`. OUT gets the fields `cops predict` writes to scores.json (bundle,
 // backend, provider, precision, threshold, results[{source, score, visual, height, width}],
 // failures[{source, error}]); visual is null (no picture is drawn), and each result also has
-// "anomalous" (the decision, null without a threshold) and, with --maps, "map": the file name
-// of its anomaly map in DIR (.npy, float32, S x S). "timing" gives seconds to open the bundle
+// "anomalous" (the decision, null without a threshold), "regions" (with a calibration record:
+// the defect regions at the original size, {x, y, width, height, area, peak, mean} each, as
+// Python's Prediction.regions; null without one) and, with --maps, "map": the file name of its
+// anomaly map in DIR (.npy, float32, S x S). Top level: "pixel_threshold" and "min_area" of the
+// calibration record (null without one). "timing" gives seconds to open the bundle
 // and to predict (decoding included; with --warmup, after one untimed batch). Exit status: 0,
 // 1 when an image could not be read (the others are still scored), 2 on a usage error or a
 // refused bundle.
@@ -169,7 +172,16 @@ int run(const std::string& bundle_dir, const std::vector<std::string>& inputs,
                      {"visual", nullptr},
                      {"height", p.original_height},
                      {"width", p.original_width},
-                     {"anomalous", p.is_anomalous ? json(*p.is_anomalous) : json(nullptr)}};
+                     {"anomalous", p.is_anomalous ? json(*p.is_anomalous) : json(nullptr)},
+                     {"regions", nullptr}};
+      if (p.regions) {
+        json regions = json::array();
+        for (const auto& r : *p.regions) {
+          regions.push_back({{"x", r.x}, {"y", r.y}, {"width", r.width}, {"height", r.height},
+                             {"area", r.area}, {"peak", r.peak}, {"mean", r.mean}});
+        }
+        record["regions"] = regions;
+      }
       if (!maps_dir.empty()) {
         const std::string name = unique_name(pending[i].first, results.size(), &used, ".npy");
         write_npy(fs::path(maps_dir) / name, p.anomaly_map, p.map_size);
@@ -201,6 +213,9 @@ int run(const std::string& bundle_dir, const std::vector<std::string>& inputs,
       {"provider", detector.provider()},
       {"precision", "fp32"},
       {"threshold", detector.threshold() ? json(*detector.threshold()) : json(nullptr)},
+      {"pixel_threshold",
+       detector.calibration() ? json(detector.calibration()->pixel_threshold) : json(nullptr)},
+      {"min_area", detector.calibration() ? json(detector.calibration()->min_area) : json(nullptr)},
       {"results", results},
       {"failures", failures},
       {"timing",
@@ -219,6 +234,11 @@ int run(const std::string& bundle_dir, const std::vector<std::string>& inputs,
   }
   fs::rename(tmp, out);
   std::cout << "wrote " << scored << " result(s) to " << json_out;
+  if (detector.threshold()) {
+    size_t anomalous = 0;
+    for (const auto& r : results) anomalous += r["anomalous"] == true ? 1 : 0;
+    std::cout << "; " << anomalous << " anomalous at threshold " << *detector.threshold();
+  }
   if (!failures.empty()) std::cout << "; " << failures.size() << " file(s) failed";
   std::cout << "\n";
   return failures.empty() ? 0 : 1;

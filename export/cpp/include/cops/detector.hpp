@@ -33,6 +33,7 @@
 #include <string>
 #include <vector>
 
+#include "cops/calibration.hpp"
 #include "cops/errors.hpp"
 #include "cops/image.hpp"
 #include "cops/manifest.hpp"
@@ -52,6 +53,11 @@ struct Prediction {
   std::optional<double> threshold;    // the bundle's decision threshold, if it has one
   std::optional<bool> is_anomalous;   // score >= threshold; empty without a threshold
   std::string source;                 // the file path, empty for a buffer
+  // With a calibration record (cops/calibration.hpp), at the original size (H, W) row-major:
+  std::optional<double> pixel_threshold;     // the record's pixel threshold
+  std::vector<float> anomaly_map_original;   // the map resized as Python's resize_map
+  std::vector<std::uint8_t> mask;            // 1: defective pixel (in a kept region)
+  std::optional<std::vector<Region>> regions;  // in raster order; empty optional: no record
 };
 
 struct DetectorOptions {
@@ -92,6 +98,8 @@ class Detector {
   const Manifest& manifest() const { return bundle().manifest; }
   int input_size() const { return manifest().preprocess.size; }
   std::optional<double> threshold() const { return manifest().threshold; }
+  // The bundle's calibration record (read and checked at open), if it has one.
+  const std::optional<Calibration>& calibration() const;
   // 'tensorrt', 'onnxruntime' or 'openvino'.
   std::string backend_name() const;
   // What runs the graphs, e.g. "openvino CPU f32" or the GPU name.

@@ -69,6 +69,12 @@ int exif_orientation(const std::uint8_t* exif, std::size_t size);
 // coefficients and an 8-bit clipped intermediate image. Equal sizes return a copy.
 RgbImage resize_bicubic(const RgbImage& image, int out_width, int out_height);
 
+// Resize a row-major float map (width x height) to (out_width, out_height) exactly as Pillow's
+// Image.fromarray(map, 'F').resize(..., BILINEAR) does, as the Python runtime's resize_map
+// (the anomaly map at the original image size). Equal sizes return a copy.
+std::vector<float> resize_map_bilinear(const std::vector<float>& map, int width, int height,
+                                       int out_width, int out_height);
+
 // The model input of one image: resize to size x size (bicubic, as above), scale to [0, 1]
 // (value / 255 in float32) and normalise ((x - mean) / std, float32), channels first: a
 // (3, size, size) float array written to `out` (3 * size * size floats).
