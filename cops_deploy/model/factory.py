@@ -169,7 +169,9 @@ def _own_has_clip(path: str | Path) -> bool:
         return any(k.startswith("clip.") for k in f.keys())  # noqa: SIM118
 
 
-def save_model(model: CopsModel | AnomalyClipModel, out_dir: str | Path, include_clip: bool = True) -> Path:
+def save_model(
+    model: CopsModel | AnomalyClipModel, out_dir: str | Path, include_clip: bool = True
+) -> Path:
     """Save in our format: ``model.safetensors`` + ``config.json`` in ``out_dir``.
 
     ``include_clip=False`` keeps only the learned CoPS tensors and the fixed ICTS samples

@@ -212,7 +212,7 @@ _FAMILY_KEYS = {
 
 
 def reference_checkpoint_kind(sd: Mapping[str, torch.Tensor]) -> str | None:
-    """"cops" or "anomalyclip" when the keys of a reference prompt-learner state show which
+    """ "cops" or "anomalyclip" when the keys of a reference prompt-learner state show which
     family saved it; None when they do not."""
     for kind, prefixes in _FAMILY_KEYS.items():
         if any(k.startswith(prefixes) for k in sd):
