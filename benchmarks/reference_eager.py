@@ -6,6 +6,10 @@ the full 77-token context, the R class-token samples encoded one prompt pair at 
 Gaussian blur by SciPy on the CPU, one image at a time. It is not a strawman: its outputs equal
 the model's to about 1e-5 (benchmarks/test_reference_eager.py checks it, also against the
 reference implementation's golden outputs).
+
+``ReferenceEager(model)`` of an ``AnomalyClipModel`` is an :class:`AnomalyClipReferenceEager`:
+AnomalyCLIP's test.py written out the same way (text features once, then per image the vision
+tower, per-layer bilinear upsampling of both channels, the sum, SciPy's Gaussian).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
+from cops_deploy.model.anomalyclip import AnomalyClipModel
 from cops_deploy.model.cops import CopsModel
 
 
@@ -51,8 +56,35 @@ def _mlp(block, x: torch.Tensor) -> torch.Tensor:
     return F.linear(h, block.mlp.c_proj.weight, block.mlp.c_proj.bias)
 
 
+def _encode_text(m, prompts: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+    """(P, 77, W) prompt embeddings -> projected EOT features (P, E), not normalised: the text
+    tower on the full context, deep tokens rounded to fp16 where inserted."""
+    t, cfg = m.clip.text, m.cfg
+    length = prompts.shape[1]
+    mask = torch.full((length, length), float("-inf"), device=prompts.device)
+    mask = mask.triu_(1).to(prompts.dtype)
+    x = prompts + t.positional_embedding
+    deep = list(m.prompt.compound_prompts_text)
+    for i, block in enumerate(t.transformer.resblocks):
+        if 1 <= i <= len(deep):
+            tok = deep[i - 1].half().to(x.dtype).expand(x.shape[0], -1, -1)
+            x = torch.cat([x[:, :1], tok, x[:, 1 + tok.shape[1] :]], dim=1)
+        h = _ln(x, block.ln_1)
+        qkv = F.linear(h, block.attn.in_proj_weight, block.attn.in_proj_bias)
+        q, k, val = (_heads(u, cfg.text.heads) for u in qkv.chunk(3, dim=-1))
+        x = x + _out(block.attn, _attend(q, k, val, mask))
+        x = x + _mlp(block, _ln(x, block.ln_2))
+    return _ln(x, t.ln_final)[torch.arange(x.shape[0]), eot] @ t.text_projection
+
+
 class ReferenceEager:
-    """Run a ``CopsModel``'s weights through the straightforward reference pipeline."""
+    """Run a ``CopsModel``'s weights through the straightforward reference pipeline (an
+    ``AnomalyClipModel``'s: :class:`AnomalyClipReferenceEager`)."""
+
+    def __new__(cls, model: CopsModel | AnomalyClipModel) -> ReferenceEager:
+        if cls is ReferenceEager and isinstance(model, AnomalyClipModel):
+            return AnomalyClipReferenceEager(model)
+        return super().__new__(cls)
 
     def __init__(self, model: CopsModel) -> None:
         self.m = model
@@ -181,4 +213,76 @@ class ReferenceEager:
         gi = g / g.norm(dim=-1, keepdim=True)
         img = ((gi @ text.t()) / head.tau).softmax(-1)[0, 1]
         score = head.beta * img + (1 - head.beta) * probs[0, :, 1].max()
+        return float(score), amap
+
+
+class AnomalyClipReferenceEager(ReferenceEager):
+    """AnomalyCLIP's test.py on an ``AnomalyClipModel``'s weights: the text features once (as
+    test.py computes them before its loop), then per image the V-V vision tower with explicit
+    attention, each feature layer's softmax upsampled (both channels, bilinear), the layer maps
+    summed and blurred by SciPy on the CPU."""
+
+    def __init__(self, model: AnomalyClipModel) -> None:
+        self.m = model
+        self.cfg = model.cfg
+        pl = model.prompt
+        prompts = torch.stack(
+            [
+                torch.cat([pl.token_prefix_pos, pl.ctx_pos, pl.token_suffix_pos], dim=2)[0, 0],
+                torch.cat([pl.token_prefix_neg, pl.ctx_neg, pl.token_suffix_neg], dim=2)[0, 0],
+            ]
+        )
+        ids = torch.cat([pl.tokenized_prompts_pos[0], pl.tokenized_prompts_neg[0]])
+        with torch.no_grad():
+            text = _encode_text(model, prompts, ids.argmax(dim=-1)).float()
+        self.text = text / text.norm(dim=-1, keepdim=True)  # (2, E)
+
+    def vision_layers(self, image: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(1, 3, S, S) -> image feature (1, E) and ln_post(tokens) @ proj per feature layer."""
+        v, vcfg = self.m.clip.visual, self.cfg.vision
+        x = F.conv2d(image, v.conv1.weight, stride=vcfg.patch_size)
+        side = x.shape[-1]
+        x = x.reshape(1, x.shape[1], -1).permute(0, 2, 1)
+        x = torch.cat([v.class_embedding.reshape(1, 1, -1), x], dim=1)
+        pos = v.positional_embedding
+        old = int(math.isqrt(pos.shape[0] - 1))
+        grid = pos[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, (side, side), mode="bilinear", align_corners=False)
+        pos = torch.cat([pos[:1], grid.reshape(-1, side * side).t()], dim=0)
+        x_ori = _ln(x + pos, v.ln_pre)
+        x_vv = None
+        first_dual = vcfg.layers - vcfg.v_vv_layers
+        feats = []
+        for i, block in enumerate(v.transformer.resblocks):
+            h = _ln(x_ori, block.ln_1)
+            qkv = F.linear(h, block.attn.in_proj_weight, block.attn.in_proj_bias)
+            q, k, val = (_heads(t, vcfg.heads) for t in qkv.chunk(3, dim=-1))
+            if i >= first_dual:
+                x_vv = x_ori if x_vv is None else x_vv  # both streams start at the first V-V block
+                x_vv = x_vv + _out(block.attn, _attend(val, val, val))
+            x_ori = x_ori + _out(block.attn, _attend(q, k, val))
+            x_ori = x_ori + _mlp(block, _ln(x_ori, block.ln_2))
+            if i + 1 in vcfg.feature_layers:
+                feats.append(_ln(x_ori if x_vv is None else x_vv, v.ln_post) @ v.proj)
+        return x_ori[:, 0] @ v.proj, feats
+
+    @torch.no_grad()
+    def __call__(
+        self, image: torch.Tensor, z: torch.Tensor | None = None
+    ) -> tuple[float, np.ndarray]:
+        """One image (1, 3, S, S) -> (score, anomaly map (S, S) as numpy); ``z`` is unused."""
+        tau, size = self.cfg.head.tau, image.shape[-1]
+        g, feats = self.vision_layers(image)
+        gi = g / g.norm(dim=-1, keepdim=True)
+        score = ((gi @ self.text.t()) / tau).softmax(-1)[0, 1]
+        total = None
+        for tokens in feats:
+            pf = tokens / tokens.norm(dim=-1, keepdim=True)
+            probs = ((pf @ self.text.t()) / tau).softmax(-1)[:, 1:]  # (1, N, 2), CLS dropped
+            side = int(math.isqrt(probs.shape[1]))
+            grid = probs.reshape(1, side, side, 2).permute(0, 3, 1, 2)
+            up = F.interpolate(grid, (size, size), mode="bilinear", align_corners=False)
+            layer = (up[0, 1] + 1 - up[0, 0]) / 2
+            total = layer if total is None else total + layer
+        amap = gaussian_filter(total.float().cpu().numpy(), sigma=self.cfg.head.sigma)
         return float(score), amap

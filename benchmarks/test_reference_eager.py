@@ -13,7 +13,7 @@ import torch
 from reference_eager import ReferenceEager
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))  # golden_support
-from golden_support import golden_dir, golden_model  # noqa: E402
+from golden_support import anomalyclip_golden_model, golden_dir, golden_model  # noqa: E402
 
 from cops_deploy import create_model
 from cops_deploy.export.onnx_export import synthetic_images
@@ -43,3 +43,18 @@ def test_reference_eager_reproduces_the_golden_outputs(index: int) -> None:
     score, amap = ReferenceEager(model)(image, z=torch.from_numpy(cases["z"][index]))
     assert abs(score - float(cases["pred_score"][index])) <= TOL
     assert np.abs(amap - cases["anomaly_map"][index]).max() <= TOL
+
+
+def test_anomalyclip_reference_eager_reproduces_the_golden_outputs() -> None:
+    """ReferenceEager of an AnomalyClipModel is AnomalyCLIP's test.py: the golden's score and
+    map (README tolerances 1e-6 and 2e-5) for every image."""
+    golden = golden_dir()
+    if not (golden / "anomalyclip" / "cases.npz").is_file():
+        pytest.fail(f"AnomalyCLIP golden vectors not found at {golden / 'anomalyclip'}")
+    model, cases = anomalyclip_golden_model(golden)
+    ref = ReferenceEager(model)
+    assert type(ref).__name__ == "AnomalyClipReferenceEager"
+    for index in range(cases["images"].shape[0]):
+        score, amap = ref(torch.from_numpy(cases["images"][index : index + 1]))
+        assert abs(score - float(cases["pred_score"][index])) <= 1e-6
+        assert np.abs(amap - cases["anomaly_map"][index]).max() <= 2e-5

@@ -42,3 +42,18 @@ def golden_model(golden: Path) -> tuple[Any, Any]:
         samples=head["R"],
     )
     return model, np.load(golden / "cases.npz")
+
+
+def anomalyclip_golden_model(golden: Path, **overrides: Any) -> tuple[Any, Any]:
+    """(anomalyclip-tiny with the AnomalyCLIP golden's CLIP file and reference checkpoint,
+    loaded through the real loaders, and its cases.npz); ``golden`` is the golden root."""
+    from cops_deploy import create_model
+
+    folder = golden / "anomalyclip"
+    model = create_model(
+        "anomalyclip-tiny",
+        clip_weights=folder / "clip_tiny_openai_layout.pt",
+        cops_weights=folder / "anomalyclip_tiny_reference_format.pth",
+        **overrides,
+    )
+    return model, np.load(folder / "cases.npz")

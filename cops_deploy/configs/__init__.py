@@ -18,6 +18,9 @@ from cops_deploy.errors import ConfigError
 
 _CONFIG_DIR = Path(__file__).parent
 _REGISTRY: dict[str, dict[str, Any]] = {}
+# Model families built from these configs: "cops" (METHOD.md) and "anomalyclip" (AnomalyCLIP,
+# ICLR 2024: static learned prompts, per-layer maps summed; cops_deploy.model.anomalyclip).
+MODEL_KINDS = ("cops", "anomalyclip")
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,10 @@ class PreprocessCfg:
 
 @dataclass(frozen=True)
 class CopsCfg:
-    """A complete CoPS architecture."""
+    """A complete architecture. ``kind`` names the model family (:data:`MODEL_KINDS`); an
+    "anomalyclip" config uses ``prompt.context_tokens`` as its 12 learned context tokens, has
+    no state/class tokens or prototypes, and ignores ``head.samples/alpha/beta/neighbour_kernel``.
+    """
 
     name: str
     embed_dim: int
@@ -131,6 +137,13 @@ class CopsCfg:
     preprocess: PreprocessCfg
     description: str = ""
     clip_pretrained: dict[str, str] | None = field(default=None)
+    kind: str = "cops"
+
+    @property
+    def patch_sets(self) -> int:
+        """Patch-embedding sets the vision graph outputs, stacked along the token axis: 1 for
+        CoPS (its feature layers are averaged), one per feature layer for AnomalyCLIP."""
+        return len(self.vision.feature_layers) if self.kind == "anomalyclip" else 1
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (the inverse of :func:`config_from_dict`)."""
@@ -183,6 +196,17 @@ def config_from_dict(raw: dict[str, Any]) -> CopsCfg:
 
 def _validate(cfg: CopsCfg) -> None:
     v, t, p = cfg.vision, cfg.text, cfg.prompt
+    if cfg.kind not in MODEL_KINDS:
+        raise ConfigError(
+            f"invalid config {cfg.name!r}: kind {cfg.kind!r} is not a model family; valid: "
+            f"{list(MODEL_KINDS)}. Fix: set \"kind\" to one of them (omitted means 'cops')."
+        )
+    if cfg.kind == "anomalyclip" and (p.state_tokens, p.class_tokens, p.prototypes) != (0, 0, 0):
+        raise ConfigError(
+            f"invalid AnomalyCLIP config {cfg.name!r}: prompt.state_tokens, class_tokens and "
+            f"prototypes are {p.state_tokens}, {p.class_tokens}, {p.prototypes}; valid: 0, 0, 0 "
+            f"(AnomalyCLIP's prompts are context tokens only). Fix: set them to 0."
+        )
     checks = [
         (v.width % v.heads == 0, f"vision.width {v.width} must divide by vision.heads {v.heads}"),
         (t.width % t.heads == 0, f"text.width {t.width} must divide by text.heads {t.heads}"),

@@ -14,6 +14,10 @@
   '.' and EOT run once per ICTS sample, attending over the cached prefix and the shared state
   keys (one token set per image and channel under a block-causal mask). The tower runs on the
   17 live tokens, and its last layer computes the EOT tokens only.
+- :class:`AnomalyClipHeadGraph`: the AnomalyCLIP head (``model.cfg.kind == "anomalyclip"``). Its
+  text features do not depend on the image, so they are a (2, E) constant and the graph holds no
+  text tower; the vision graph stacks the L feature layers' patch embeddings on the token axis.
+  :func:`head_graph` picks the head of a model's family.
 - :class:`DeployModel`: both graphs composed, returning :class:`CopsOutput` (the torch backend).
 
 Each graph takes float32 inputs and returns float32 outputs. ``compute_dtype`` (float32 here;
@@ -31,6 +35,7 @@ use as its stand-in) builds its graphs there.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,13 +43,16 @@ from torch import nn
 from cops_deploy.configs import CopsCfg
 from cops_deploy.errors import ConfigError
 from cops_deploy.export.fused_ops import fused_attention
+from cops_deploy.model.anomalyclip import AnomalyClipModel
 from cops_deploy.model.clip import causal_mask
 from cops_deploy.model.cops import CopsModel, CopsOutput
 from cops_deploy.model.head import (
     cosine_distance_min,
     gaussian_blur,
+    gaussian_kernel1d,
     neighbour_average,
     normalize,
+    reflect_indices,
     saga_weight,
 )
 from cops_deploy.model.layers import ATTN_IMPLS, ResidualAttentionBlock, scaled_attention
@@ -52,12 +60,15 @@ from cops_deploy.runtime.contract import GRAPH_IO_NAMES, graph_specs
 
 __all__ = [
     "FUSED_ATTN",
+    "AnomalyClipHeadGraph",
     "DeployGraph",
     "DeployModel",
     "HeadGraph",
     "VisionGraph",
     "example_inputs",
     "fp32_logits_attention",
+    "head_graph",
+    "map_projection",
 ]
 
 FUSED_ATTN = "ort_mha"  # VisionGraph only: attention as one com.microsoft.MultiHeadAttention node
@@ -214,6 +225,8 @@ class VisionGraph(DeployGraph):
         self.first_dual = vcfg.layers - vcfg.v_vv_layers  # 0-based index of the first dual block
         self.feature_layers = tuple(vcfg.feature_layers)
         self.last_feature = max(vcfg.feature_layers)  # 1-based: the V-VV path stops there
+        # AnomalyCLIP keeps each feature layer (stacked on the token axis); CoPS averages them.
+        self.stack_layers = model.cfg.patch_sets > 1
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = self.compute_dtype
@@ -234,8 +247,11 @@ class VisionGraph(DeployGraph):
                 feats.append(x)
         image_embedding = x_ori[:, 0] @ self.proj  # (B, E)
         patches = [(_layer_norm(self.ln_post, f[:, 1:], dtype) @ self.proj).float() for f in feats]
-        # the mean over feature layers is a float32 reduction (an FP32 island)
-        patch = patches[0] if len(patches) == 1 else torch.stack(patches).mean(0)  # (B, N, E)
+        if self.stack_layers:
+            patch = torch.cat(patches, dim=1)  # (B, L*N, E)
+        else:
+            # the mean over feature layers is a float32 reduction (an FP32 island)
+            patch = patches[0] if len(patches) == 1 else torch.stack(patches).mean(0)  # (B, N, E)
         return image_embedding.float(), patch
 
     def _plain_block(self, block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
@@ -483,6 +499,77 @@ def _check_head_model(model: CopsModel) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# AnomalyCLIP head
+
+
+def map_projection(grid: int, size: int, sigma: float, truncate: float) -> np.ndarray:
+    """(size, grid) float64 matrix K with K @ m @ K.T == gaussian_blur(bilinear(m)) for a
+    (grid, grid) map m: the bilinear upsample (align_corners False, no antialias) and the
+    scipy-style reflect-border Gaussian are both separable linear maps, so their product is one
+    matrix per axis (exact up to float rounding)."""
+    eye = torch.eye(grid, dtype=torch.float64).unsqueeze(0)  # (1, g, g): one basis map per row
+    up = F.interpolate(eye, size=size, mode="linear", align_corners=False)[0].T.numpy()  # (S, g)
+    weights = gaussian_kernel1d(sigma, truncate)
+    radius = (len(weights) - 1) // 2
+    source = reflect_indices(size, radius)  # padded position -> source index
+    blur = np.zeros((size, size))
+    for tap, w in enumerate(weights):  # out[i] += w * x[source[i + tap]]
+        np.add.at(blur, (np.arange(size), source[tap : tap + size]), w)
+    return blur @ up
+
+
+class AnomalyClipHeadGraph(DeployGraph):
+    """AnomalyCLIP scoring head: (image_embedding (B, E), patch_embedding (B, L*N, E)) float32
+    -> (pred_score (B,), anomaly_map (B, S, S)) float32, no text tower: the normalised text
+    features (2, E) are a constant.
+
+    Exact restructurings of :class:`AnomalyClipModel`'s head: the per-layer map formula
+    (P_anom + 1 - P_norm) / 2 is affine and bilinear weights sum to 1, so the layer maps are
+    summed on the patch grid, then upsampled and blurred by one (S, g) matrix per axis
+    (:func:`map_projection`). Everything runs in float32 (the head is tiny; an FP16 copy keeps
+    its constants in float32 too).
+    """
+
+    input_names, output_names = GRAPH_IO_NAMES["head"]
+    fp32_buffers = ("text_t", "projection")
+
+    def __init__(self, model: AnomalyClipModel, attn_impl: str = "explicit") -> None:
+        super().__init__(attn_impl)
+        cfg = model.cfg
+        self.cfg = cfg
+        self.tau = cfg.head.tau
+        self.layers = len(cfg.vision.feature_layers)
+        self.grid = cfg.vision.grid
+        with torch.no_grad():
+            text = model.text_features().detach().float()  # (2, E), normalised
+        self.register_buffer("text_t", text.t().contiguous().clone())  # (E, 2)
+        k = map_projection(self.grid, cfg.vision.input_size, cfg.head.sigma, cfg.head.truncate)
+        self.register_buffer("projection", torch.from_numpy(k).float())  # (S, g)
+
+    def forward(
+        self, image_embedding: torch.Tensor, patch_embedding: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        text_t = self.text_t.float()
+        image_logits = normalize(image_embedding.float()) @ text_t / self.tau  # (B, 2)
+        score = image_logits.softmax(dim=-1)[:, 1]
+        g, e = self.grid, patch_embedding.shape[-1]
+        patches = patch_embedding.float().reshape(-1, self.layers, g * g, e)  # (B, L, N, E)
+        probs = (normalize(patches) @ text_t / self.tau).softmax(dim=-1)  # (B, L, N, 2)
+        grid_map = ((probs[..., 1] + 1.0 - probs[..., 0]) / 2.0).sum(dim=1)  # (B, N)
+        k = self.projection.float()
+        amap = k @ grid_map.reshape(-1, g, g) @ k.t()  # (B, S, S)
+        return score, amap
+
+
+def head_graph(model: CopsModel | AnomalyClipModel, attn_impl: str = "explicit") -> DeployGraph:
+    """The head graph of ``model``'s family: :class:`HeadGraph` (CoPS) or
+    :class:`AnomalyClipHeadGraph`."""
+    if isinstance(model, AnomalyClipModel):
+        return AnomalyClipHeadGraph(model, attn_impl)
+    return HeadGraph(model, attn_impl)
+
+
+# ----------------------------------------------------------------------------------------------
 # Composition and I/O specs
 
 
@@ -495,10 +582,10 @@ class DeployModel(nn.Module):
     exactly the exported computation).
     """
 
-    def __init__(self, model: CopsModel, attn_impl: str | None = None) -> None:
+    def __init__(self, model: CopsModel | AnomalyClipModel, attn_impl: str | None = None) -> None:
         super().__init__()
         self.vision = VisionGraph(model, attn_impl or "sdpa")
-        self.head = HeadGraph(model, attn_impl or "explicit")
+        self.head = head_graph(model, attn_impl or "explicit")
 
     def forward(self, images: torch.Tensor) -> CopsOutput:
         image_embedding, patch_embedding = self.vision(images)

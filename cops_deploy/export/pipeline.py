@@ -504,7 +504,7 @@ def _export_graphs(
     from cops_deploy.export.onnx_export import check_onnx, export_onnx, export_ort_variant
 
     with stages.stage("building graphs"):
-        vision, head = g.VisionGraph(model), g.HeadGraph(model)
+        vision, head = g.VisionGraph(model), g.head_graph(model)
     paths = {"vision": work / "vision.onnx", "head": work / "head.onnx"}
     for name, graph in (("vision", vision), ("head", head)):
         with stages.stage(f"exporting {name}"), torch.no_grad():

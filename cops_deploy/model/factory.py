@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from cops_deploy.configs import CopsCfg, get_config
-from cops_deploy.errors import WeightsError
+from cops_deploy.errors import ConfigError, WeightsError
+from cops_deploy.model.anomalyclip import AnomalyClipModel
 from cops_deploy.model.cops import CopsModel
 from cops_deploy.model.weights import (
     CONFIG_FILE,
@@ -26,6 +27,7 @@ from cops_deploy.model.weights import (
     read_openai_clip,
     read_own_format,
     read_reference_cops,
+    reference_checkpoint_kind,
     save_safetensors,
     sha256_file,
 )
@@ -34,6 +36,10 @@ from cops_deploy.version import __version__
 MODEL_KWARGS = ("attn_impl", "text_length", "sampling")
 # Learned tensors that a reference checkpoint does not carry (training-only encoder).
 REFERENCE_OPTIONAL = ("vae_encoder.",)
+# AnomalyCLIP checkpoints: token buffers may be absent (then taken from the CLIP embedding);
+# the deep-prompt projections are saved by the reference but never used at inference.
+ANOMALYCLIP_OPTIONAL = ("token_prefix_", "token_suffix_", "tokenized_prompts_")
+ANOMALYCLIP_UNUSED = ("compound_prompt_projections.",)
 
 
 def _split_kwargs(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -41,7 +47,20 @@ def _split_kwargs(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
     return model_kw, overrides
 
 
-def load_clip_weights(model: CopsModel, source: str | Path) -> str:
+def build_model(cfg: CopsCfg, **model_kw: Any) -> CopsModel | AnomalyClipModel:
+    """The model family of ``cfg.kind`` (random weights): CopsModel or AnomalyClipModel."""
+    if cfg.kind == "anomalyclip":
+        cops_only = sorted(k for k in model_kw if k != "attn_impl")
+        if cops_only:
+            raise ConfigError(
+                f"options {cops_only} are CoPS options; AnomalyCLIP model {cfg.name!r} takes "
+                f"only attn_impl. Fix: drop them."
+            )
+        return AnomalyClipModel(cfg, **model_kw)
+    return CopsModel(cfg, **model_kw)
+
+
+def load_clip_weights(model: CopsModel | AnomalyClipModel, source: str | Path) -> str:
     """Load CLIP weights into ``model`` from ``"openai"`` (open_clip download) or a file.
 
     Returns a provenance string (the file's sha256).
@@ -51,11 +70,13 @@ def load_clip_weights(model: CopsModel, source: str | Path) -> str:
     expected = {k: v.shape for k, v in model.clip.openai_state_dict().items()}
     check_state_dict(expected, sd, f"CLIP weights {path}")
     model.clip.load_openai_state_dict(sd)
+    if isinstance(model, AnomalyClipModel):  # its prompt buffers are CLIP token embeddings
+        model.prompt.fill_token_embeddings(model.clip.text.token_embedding.weight)
     return sha256_file(path)
 
 
-def load_cops_weights(model: CopsModel, source: str | Path) -> str:
-    """Load learned CoPS weights from a reference ``.pth`` or our own format.
+def load_cops_weights(model: CopsModel | AnomalyClipModel, source: str | Path) -> str:
+    """Load learned CoPS (or AnomalyCLIP) weights from a reference ``.pth`` or our own format.
 
     Our own format may include the CLIP weights and the fixed ICTS samples; they are loaded too.
     Returns the file's sha256.
@@ -71,15 +92,27 @@ def load_cops_weights(model: CopsModel, source: str | Path) -> str:
         weights = path / WEIGHTS_FILE if path.is_dir() else path
         return sha256_file(weights)
     sd = read_reference_cops(path)
+    found = reference_checkpoint_kind(sd)
+    if found is not None and found != model.cfg.kind:
+        raise WeightsError(
+            f"{path} is a reference {found} checkpoint, but the model {model.cfg.name!r} is of "
+            f"kind {model.cfg.kind!r}. Fix: create a {found} architecture "
+            f"(cops_deploy.list_models()) for this checkpoint, or pass a {model.cfg.kind} one."
+        )
     expected = {k: v.shape for k, v in model.prompt.state_dict().items()}
-    check_state_dict(expected, sd, f"reference CoPS checkpoint {path}", REFERENCE_OPTIONAL)
+    if isinstance(model, AnomalyClipModel):
+        sd = {k: v for k, v in sd.items() if not k.startswith(ANOMALYCLIP_UNUSED)}
+        what = f"reference AnomalyCLIP checkpoint {path}"
+        check_state_dict(expected, sd, what, ANOMALYCLIP_OPTIONAL)
+    else:
+        check_state_dict(expected, sd, f"reference CoPS checkpoint {path}", REFERENCE_OPTIONAL)
     model.prompt.load_state_dict(sd, strict=False)
     return sha256_file(path)
 
 
 def _check_same_arch(want: CopsCfg, got: CopsCfg, path: Path) -> None:
     a, b = want.to_dict(), got.to_dict()
-    diff = sorted(k for k in ("embed_dim", "vision", "text", "prompt") if a[k] != b[k])
+    diff = sorted(k for k in ("kind", "embed_dim", "vision", "text", "prompt") if a[k] != b[k])
     if diff:
         raise WeightsError(
             f"{path} was saved for architecture {got.name!r}, which differs from {want.name!r} "
@@ -93,7 +126,7 @@ def create_model(
     cops_weights: str | Path | None = None,
     seed: int | None = 0,
     **overrides: Any,
-) -> CopsModel:
+) -> CopsModel | AnomalyClipModel:
     """Build a CoPS model in eval mode.
 
     Args:
@@ -115,7 +148,7 @@ def create_model(
     with torch.random.fork_rng(devices=[]):  # seeding must not disturb the caller's RNG
         if seed is not None:
             torch.manual_seed(seed)
-        model = CopsModel(cfg, **model_kw)
+        model = build_model(cfg, **model_kw)
     provenance = {"clip": "random", "cops": "random"}
     if clip_weights is not None:
         provenance["clip"] = load_clip_weights(model, clip_weights)
@@ -136,7 +169,9 @@ def _own_has_clip(path: str | Path) -> bool:
         return any(k.startswith("clip.") for k in f.keys())  # noqa: SIM118
 
 
-def save_model(model: CopsModel, out_dir: str | Path, include_clip: bool = True) -> Path:
+def save_model(
+    model: CopsModel | AnomalyClipModel, out_dir: str | Path, include_clip: bool = True
+) -> Path:
     """Save in our format: ``model.safetensors`` + ``config.json`` in ``out_dir``.
 
     ``include_clip=False`` keeps only the learned CoPS tensors and the fixed ICTS samples
@@ -159,7 +194,7 @@ def save_model(model: CopsModel, out_dir: str | Path, include_clip: bool = True)
 
 def load_model(
     path: str | Path, clip_weights: str | Path | None = None, **overrides: Any
-) -> CopsModel:
+) -> CopsModel | AnomalyClipModel:
     """A model saved by ``save_model``; ``clip_weights`` is needed when it was saved without."""
     cfg, _ = read_own_format(path)
     return create_model(cfg, clip_weights=clip_weights, cops_weights=path, **overrides)

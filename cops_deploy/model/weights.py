@@ -185,7 +185,8 @@ def download_openai_clip(cfg: CopsCfg) -> Path:
 
 
 def read_reference_cops(path: str | Path) -> dict[str, torch.Tensor]:
-    """The learned state of a reference CoPS checkpoint ``{"prompt_learner": state_dict}``."""
+    """The learned state of a reference CoPS or AnomalyCLIP checkpoint
+    ``{"prompt_learner": state_dict}`` (floating tensors as float32, token ids kept)."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"CoPS checkpoint {path} does not exist")
@@ -199,7 +200,24 @@ def read_reference_cops(path: str | Path) -> dict[str, torch.Tensor]:
     sd = obj[REFERENCE_KEY]
     if not isinstance(sd, Mapping):
         raise WeightsError(f"{path}: {REFERENCE_KEY!r} is a {type(sd).__name__}, not a state dict")
-    return {k: v.float() for k, v in sd.items()}
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+# Keys only one family's reference checkpoint carries (CoPS: ESTS/ICTS; AnomalyCLIP: the token
+# buffers and deep-prompt projections its train.py saves).
+_FAMILY_KEYS = {
+    "cops": ("t_n", "t_a", "extractor.", "vae_decoder."),
+    "anomalyclip": ("token_prefix_", "tokenized_prompts_", "compound_prompt_projections."),
+}
+
+
+def reference_checkpoint_kind(sd: Mapping[str, torch.Tensor]) -> str | None:
+    """ "cops" or "anomalyclip" when the keys of a reference prompt-learner state show which
+    family saved it; None when they do not."""
+    for kind, prefixes in _FAMILY_KEYS.items():
+        if any(k.startswith(prefixes) for k in sd):
+            return kind
+    return None
 
 
 def save_safetensors(

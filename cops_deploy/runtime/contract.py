@@ -1,6 +1,7 @@
 """The exporter/runtime contract of a bundle's two graphs, defined once: tensor names and specs.
 
     vision: image (B, 3, S, S) -> image_embedding (B, E), patch_embedding (B, N, E)
+            (AnomalyCLIP: (B, L*N, E), its L feature layers stacked along the token axis)
     head:   image_embedding, patch_embedding -> pred_score (B,), anomaly_map (B, S, S)
 
 The deploy graphs (``cops_deploy.export.graphs``) name their ONNX inputs and outputs from here,
@@ -41,7 +42,7 @@ GRAPH_IO_NAMES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 def graph_specs(name: str, cfg: CopsCfg) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     """(inputs, outputs) of the ``"vision"`` or ``"head"`` graph of ``cfg``; all float32."""
     s, e = cfg.vision.input_size, cfg.embed_dim
-    n = cfg.vision.grid**2
+    n = cfg.vision.grid**2 * cfg.patch_sets  # AnomalyCLIP: one N-token set per feature layer
     b = BATCH_DIM
     shapes: dict[str, tuple[int | str, ...]] = {
         IMAGE: (b, 3, s, s),

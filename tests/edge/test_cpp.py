@@ -45,6 +45,9 @@ SOURCE = Path(__file__).resolve().parents[2] / "export" / "cpp"
 SCORE_TOL = 1e-5
 MAP_TOL = 1e-4
 FULL_MODEL = "cops-vit-l-14-336"
+# The tiny bundle's architecture: COPS_CPP_TINY_MODEL=anomalyclip-tiny runs every test on an
+# AnomalyCLIP bundle (the consumer is model-agnostic: it chains the graphs by tensor name).
+TINY_MODEL = os.environ.get("COPS_CPP_TINY_MODEL", "cops-tiny")
 # The fields `cops predict` writes to scores.json (cops_deploy/cli/predict_common.py).
 TOP_FIELDS = {"bundle", "backend", "provider", "precision", "threshold", "results", "failures"}
 RESULT_FIELDS = {"source", "score", "visual", "height", "width"}
@@ -108,8 +111,8 @@ def _export(model: str, out: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The cops-tiny bundle as the exporter writes it (read by both Python and C++)."""
-    return _export("cops-tiny", tmp_path_factory.mktemp("cpp_bundles") / "tiny")
+    """The tiny bundle (``TINY_MODEL``) as the exporter writes it (read by Python and C++)."""
+    return _export(TINY_MODEL, tmp_path_factory.mktemp("cpp_bundles") / "tiny")
 
 
 def _exif(orientation: int) -> bytes:

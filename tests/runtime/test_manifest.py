@@ -136,10 +136,24 @@ def test_model_config_sections_match_the_config_classes(section: str) -> None:
     assert declared["additionalProperties"] is False
 
 
+# Declared but not required: bundles written before the AnomalyCLIP family have no "kind" (it
+# means "cops").
+OPTIONAL_MODEL_KEYS = {"kind"}
+
+
 def test_model_config_top_level_matches_the_config_class() -> None:
     declared = SCHEMA["$defs"]["model_config"]
     keys = sorted(MODEL_CFG.to_dict())
-    assert sorted(declared["properties"]) == keys == sorted(declared["required"])
+    assert sorted(declared["properties"]) == keys
+    assert sorted(declared["required"]) == sorted(set(keys) - OPTIONAL_MODEL_KEYS)
+
+
+def test_model_config_without_kind_is_a_cops_model() -> None:
+    data = make_manifest(default_files())
+    assert data["model_config"]["kind"] == "cops"
+    del data["model_config"]["kind"]
+    manifest = Manifest.from_dict(data)
+    assert manifest.model_config.get("kind", "cops") == "cops"
 
 
 # -- round trip --------------------------------------------------------------------------------
