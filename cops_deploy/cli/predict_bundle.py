@@ -40,7 +40,12 @@ def predict_with_bundle(args: argparse.Namespace) -> int:
     precision = getattr(args, "precision", None) or "fp32"
     threads = getattr(args, "threads", None)
     with Detector.open(
-        args.bundle, backend=backend, threads=threads, verbose=True, precision=precision
+        args.bundle,
+        backend=backend,
+        threads=threads,
+        verbose=True,
+        precision=precision,
+        warmup=True,  # the first image's time (and the progress bar's rate) is the steady one
     ) as detector:
         report = predict_files(
             detector,
