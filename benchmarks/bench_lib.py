@@ -28,7 +28,7 @@ RunFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 FULL = "cops-vit-l-14-336"
 TINY = "cops-tiny"
 # Everything measured in this session; conftest.py writes it out at the end.
-RESULTS: dict[str, Any] = {"archs": {}, "gates": []}
+RESULTS: dict[str, Any] = {"archs": {}, "gates": [], "not_gated": []}
 
 
 def record_gate(name: str, value: float | None, limit: float) -> bool:
@@ -38,6 +38,20 @@ def record_gate(name: str, value: float | None, limit: float) -> bool:
     shown = "n/a" if value is None else f"{value:.4g}"
     print(f"gate {name}: {shown} (limit {limit:.4g}) {'pass' if passed else 'FAIL'}")
     return passed
+
+
+def record_not_gated(name: str, value: float | None, reason: str) -> None:
+    """Record a figure that is reported but cannot be gated here, and why."""
+    RESULTS["not_gated"].append({"name": name, "value": value, "reason": reason})
+    shown = "n/a" if value is None else f"{value:.4g}"
+    print(f"not gated {name}: {shown} ({reason})")
+
+
+def auroc_resolution(labels: np.ndarray) -> float:
+    """The smallest step of an AUROC over these 0/1 labels: one of n_pos * n_neg pairs."""
+    n_pos = int(np.count_nonzero(labels))
+    n_neg = int(labels.size - n_pos)
+    return 1.0 / max(1, n_pos * n_neg)
 
 
 # ----------------------------------------------------------------------------- backends
@@ -50,6 +64,8 @@ class BenchBackend:
     run: RunFn
     batch1_only: bool = False
     keep: list[Any] = field(default_factory=list)  # objects to keep alive (sessions, models)
+    # What the runtime says it compiled the vision graph for (OpenVINO: 'bf16' / 'f32').
+    compiled_precision: str | None = None
 
     @property
     def key(self) -> str:
@@ -113,7 +129,31 @@ def openvino_backend(bundle_dir: Path, precision: str, threads: int | None) -> B
     bundle = open_bundle(bundle_dir, verify=False)
     vision = OpenVinoBackend(bundle, "vision", precision=precision, threads=threads)
     head = OpenVinoBackend(bundle, "head", threads=threads)
-    return _graphs_backend("openvino", precision, vision, head)
+    backend = _graphs_backend("openvino", precision, vision, head)
+    backend.compiled_precision = vision.inference_precision
+    return backend
+
+
+def default_backends(bundle_dir: Path) -> dict[str, str]:
+    """Precision -> the backend ``Detector.open`` runs it on when none is named: the first in
+    the registry's auto order that runs the precision and is available here (fp32: what
+    ``backend='auto'`` picks; bf16: auto runs fp32 only, so the first bf16-capable one)."""
+    from cops_deploy.errors import CopsError
+    from cops_deploy.runtime.backends import backend_names, get_backend
+    from cops_deploy.runtime.bundle import open_bundle
+
+    bundle = open_bundle(bundle_dir, verify=False)
+    found: dict[str, str] = {}
+    for name in backend_names():
+        try:
+            cls = get_backend(name)
+        except CopsError:  # a plug-in that cannot be imported is not a default
+            continue
+        if cls.unavailable_reason(bundle) is not None:
+            continue
+        for precision in cls.precisions:
+            found.setdefault(precision, name)
+    return found
 
 
 def _graphs_backend(name: str, precision: str, vision: Any, head: Any) -> BenchBackend:
@@ -188,14 +228,139 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def gemm_gflops(dtype: torch.dtype, n: int = 3072, repeats: int = 6) -> float:
-    """Peak measured GEMM rate (GFLOP/s) of an n x n x n matmul in ``dtype`` on this machine:
-    the best of ``repeats`` timed products (the floor is what the hardware can do)."""
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=gen).to(dtype)
-    b = torch.randn(n, n, generator=gen).to(dtype)
-    times = time_runs(lambda: torch.mm(a, b), warmup=2, repeats=repeats)
-    return 2 * n**3 / min(times) / 1e9
+GEMM_N = 3072  # n x n x n products: the size the issue measured (torch 217, ORT 446 GFLOP/s)
+
+
+@dataclass
+class GemmRate:
+    """One library's measured GEMM rate in one precision (None with ``note`` when it cannot
+    run that precision here)."""
+
+    library: str
+    precision: str
+    gflops: float | None
+    note: str = ""
+
+
+def _best_rate(fn: Callable[[], Any], n: int, repeats: int) -> float:
+    """GFLOP/s of the fastest of ``repeats`` timed n x n x n products (after two warm-ups):
+    the floor is what the hardware can do, so the best run counts."""
+    return 2 * n**3 / min(time_runs(fn, warmup=2, repeats=repeats)) / 1e9
+
+
+def _operands(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """A (activations) and B (weights), n x n float32, seeded."""
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((n, n), np.float32), rng.standard_normal((n, n), np.float32)
+
+
+def gemm_torch(precision: str, n: int, repeats: int) -> GemmRate:
+    """torch.mm in float32 or bfloat16 (torch's own threads)."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    a, b = (torch.from_numpy(m).to(dtype) for m in _operands(n))
+    return GemmRate("torch", precision, _best_rate(lambda: torch.mm(a, b), n, repeats))
+
+
+def matmul_onnx(path: Path, n: int, precision: str) -> Path:
+    """A one-MatMul ONNX graph ``Y = A @ B`` with B an initializer (a weight, as in the
+    model's linear layers), built with the onnx helper; ``precision`` 'fp32' or 'bf16'."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    elem = {"fp32": TensorProto.FLOAT, "bf16": TensorProto.BFLOAT16}[precision]
+    _, b = _operands(n)
+    weight = numpy_helper.from_array(b, "B")
+    if precision == "bf16":  # onnx stores bfloat16 as its raw 16-bit patterns
+        bits = (torch.from_numpy(b).to(torch.bfloat16).view(torch.int16).numpy()).tobytes()
+        weight = helper.make_tensor("B", elem, [n, n], bits, raw=True)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["A", "B"], ["Y"])],
+        "gemm",
+        [helper.make_tensor_value_info("A", elem, [n, n])],
+        [helper.make_tensor_value_info("Y", elem, [n, n])],
+        [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def gemm_onnxruntime(
+    precision: str, n: int, repeats: int, threads: int | None, tmp: Path
+) -> GemmRate:
+    """The one-MatMul graph in ONNX Runtime's CPU provider (bf16: ORT's CPU provider has no
+    bfloat16 MatMul kernel; the refusal is reported as the note)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    path = matmul_onnx(tmp / f"matmul_{precision}.onnx", n, precision)
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        a = _operands(n)[0]
+        if precision == "bf16":
+            a = torch.from_numpy(a).to(torch.bfloat16).view(torch.int16).numpy()
+            feed = {"A": ort.OrtValue.ortvalue_from_numpy_with_onnx_type(a, 16)}
+        else:
+            feed = {"A": a}
+        session.run(None, feed)
+    except Exception as exc:  # ORT raises its own types: the refusal is the finding
+        return GemmRate("onnxruntime", precision, None, f"{type(exc).__name__}: {exc}"[:200])
+    return GemmRate(
+        "onnxruntime", precision, _best_rate(lambda: session.run(None, feed), n, repeats)
+    )
+
+
+def gemm_openvino(precision: str, n: int, repeats: int, threads: int | None, tmp: Path) -> GemmRate:
+    """The fp32 one-MatMul graph compiled by OpenVINO (CPU) with INFERENCE_PRECISION_HINT f32
+    or bf16 (as the OpenVINO backend compiles the bundle); the hint read back from the compiled
+    model must be the one asked for, else the rate is not reported."""
+    try:
+        import openvino as ov
+    except ImportError as exc:
+        return GemmRate("openvino", precision, None, f"not installed ({exc})")
+    core = ov.Core()
+    hint = {"fp32": "f32", "bf16": "bf16"}[precision]
+    if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        return GemmRate("openvino", precision, None, "this CPU has no bfloat16 in OpenVINO")
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    path = matmul_onnx(tmp / "matmul_fp32.onnx", n, "fp32")
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+    ran = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()  # an ov.Type
+    if ran != hint:
+        return GemmRate("openvino", precision, None, f"compiled as {ran}, not {hint}")
+    request = compiled.create_infer_request()
+    a = _operands(n)[0]
+    return GemmRate("openvino", precision, _best_rate(lambda: request.infer({0: a}), n, repeats))
+
+
+def gemm_rates(
+    tmp: Path, threads: int | None = None, n: int = GEMM_N, repeats: int = 6
+) -> list[GemmRate]:
+    """Every library's GEMM rate here (torch, ONNX Runtime, OpenVINO), fp32 and bf16."""
+    rates = []
+    for precision in ("fp32", "bf16"):
+        rates.append(gemm_torch(precision, n, repeats))
+        rates.append(gemm_onnxruntime(precision, n, repeats, threads, tmp))
+        rates.append(gemm_openvino(precision, n, repeats, threads, tmp))
+    return rates
+
+
+def best_rates(rates: list[GemmRate]) -> dict[str, GemmRate]:
+    """Precision -> the fastest library's rate: the floors' GFLOP/s."""
+    best: dict[str, GemmRate] = {}
+    for r in rates:
+        if r.gflops is not None and (
+            r.precision not in best or r.gflops > best[r.precision].gflops
+        ):
+            best[r.precision] = r
+    return best
 
 
 @contextlib.contextmanager
@@ -326,13 +491,24 @@ def markdown(results: dict[str, Any]) -> str:
         f"{m.get('versions')}",
         "",
     ]
-    rates = results.get("gemm_gflops", {})
-    if rates:
+    gemm = results.get("gemm")
+    if gemm:
+        best = results.get("gemm_best", {})
         lines += [
-            f"GEMM rate: fp32 {rates.get('fp32', 0):.0f} GFLOP/s, bf16 "
-            f"{rates.get('bf16', 0):.0f} GFLOP/s",
+            f"GEMM rate, {gemm['n']}^3 (GFLOP/s; the best per precision sets the floors):",
             "",
+            "| library | fp32 | bf16 |",
+            "|---|---:|---:|",
         ]
+        by_lib: dict[str, dict[str, str]] = {}
+        for r in gemm["rates"]:
+            shown = f"{r['gflops']:.0f}" if r["gflops"] is not None else f"n/a ({r['note']})"
+            if best.get(r["precision"]) == r["library"] and r["gflops"] is not None:
+                shown = f"**{shown}**"
+            by_lib.setdefault(r["library"], {})[r["precision"]] = shown
+        for lib, row in by_lib.items():
+            lines.append(f"| {lib} | {row.get('fp32', 'n/a')} | {row.get('bf16', 'n/a')} |")
+        lines.append("")
     for arch, a in results.get("archs", {}).items():
         lines += [f"## {arch}", ""]
         if a.get("flops"):
@@ -342,15 +518,18 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{_fmt(a['floors'].get('fp32'))} s, bf16 {_fmt(a['floors'].get('bf16'))} s",
                 "",
             ]
+        if a.get("default_backends"):
+            lines += [f"Default backends (registry auto order): {a['default_backends']}", ""]
         lines += [
-            "| backend | p50 s | p90 s | vs ref-eager | throughput img/s (batch) | "
+            "| backend | p50 s | p90 s | p50 / floor | vs ref-eager | throughput img/s (batch) | "
             "peak RSS MiB (+backend) | map max diff | map median diff | score diff | "
             "I-AUROC | P-AUROC |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for key, b in a.get("backends", {}).items():
             lines.append(
                 f"| {key} | {_fmt(b.get('p50'))} | {_fmt(b.get('p90'))} | "
+                f"{_fmt(b.get('floor_ratio'), '.2f')} | "
                 f"{_fmt(b.get('speedup_vs_reference'), '.2f')}x | "
                 f"{_fmt(b.get('throughput'))} ({b.get('throughput_batch')}) | "
                 f"{_fmt(b.get('peak_rss_mib'), '.0f')} (+{_fmt(b.get('backend_rss_mib'), '.0f')}) | "
@@ -359,6 +538,23 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{_fmt(b.get('P-AUROC'))} |"
             )
         lines.append("")
+        cold = a.get("cold_start", {})
+        if cold:
+            lines += [
+                "Cold start (fresh process; one 640x480 frame per predict; seconds):",
+                "",
+                "| backend | warm-up in open | open | first predict | steady predict | "
+                "first / steady |",
+                "|---|---|---:|---:|---:|---:|",
+            ]
+            for key, figures in cold.items():
+                for f in figures.values():
+                    lines.append(
+                        f"| {key} | {'yes' if f['warmup'] else 'no'} | {_fmt(f['open_s'])} | "
+                        f"{_fmt(f['first_s'])} | {_fmt(f['steady_s'])} | "
+                        f"{_fmt(f['first_over_steady'], '.2f')} |"
+                    )
+            lines.append("")
     gates = results.get("gates", [])
     if gates:
         lines += ["## Gates", "", "| gate | figure | limit | result |", "|---|---:|---:|---|"]
@@ -367,6 +563,10 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {g['name']} | {_fmt(g['value'])} | {_fmt(g['limit'])} | "
                 f"{'pass' if g['passed'] else 'FAIL'} |"
             )
+    notes = results.get("not_gated", [])
+    if notes:
+        lines += ["", "## Reported, not gated", "", "| figure | value | why |", "|---|---:|---|"]
+        lines += [f"| {n['name']} | {_fmt(n['value'])} | {n['reason']} |" for n in notes]
     return "\n".join(lines) + "\n"
 
 

@@ -46,6 +46,30 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--gate-floor-fp32", type=float, default=1.1, help="CPU fp32 p50 / fp32 floor")
     g.addoption("--gate-floor-bf16", type=float, default=1.3, help="CPU bf16 p50 / bf16 floor")
     g.addoption("--gate-gpu-ms", type=float, default=168.0, help="GPU latency gate (paper)")
+    # Issue 13 parts 3-4: bf16 proof, cold start, bundle reuse.
+    g.addoption(
+        "--gate-bf16-evidence",
+        type=float,
+        default=10.0,
+        help="torch bf16 map median diff / a bf16 backend's, at most (fp32 runs give ~1e4)",
+    )
+    g.addoption(
+        "--gate-first-ratio",
+        type=float,
+        default=1.5,
+        help="first predict after Detector.open(warmup=True) / steady-state predict",
+    )
+    g.addoption(
+        "--gate-floor-arch",
+        action="append",
+        default=None,
+        help=f"architecture(s) whose CPU latency is gated against the floors (default {FULL})",
+    )
+    g.addoption(
+        "--bench-reuse-bundles",
+        action="store_true",
+        help="reuse the bundles already exported under --bench-out (skip the exports)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -63,6 +87,8 @@ def bench_opts(request: pytest.FixtureRequest) -> dict[str, Any]:
         "out": Path(o("--bench-out")),
         "repeats": o("--bench-repeats"),
         "threads": o("--bench-threads"),
+        "reuse": o("--bench-reuse-bundles"),
+        "floor_archs": o("--gate-floor-arch") or [FULL],
         "gates": {
             k: o(f"--gate-{k}")
             for k in (
@@ -76,6 +102,8 @@ def bench_opts(request: pytest.FixtureRequest) -> dict[str, Any]:
                 "floor-fp32",
                 "floor-bf16",
                 "gpu-ms",
+                "bf16-evidence",
+                "first-ratio",
             )
         },
     }

@@ -733,6 +733,9 @@ def test_settings_from_environment_and_flags(tmp_path: Path) -> None:
         tmp_path / "a", 9000, 3, 1_000_000,
     )  # fmt: skip
     assert (cfg.backend, cfg.precision, cfg.host) == ("openvino", "bf16", "127.0.0.1")
+    assert cfg.warmup is True  # on by default
+    assert parse_cfg([], {**env, "COPS_WARMUP": "off"}).warmup is False
+    assert parse_cfg(["--warmup", "on"], {**env, "COPS_WARMUP": "0"}).warmup is True
     flags = ["--bundle", str(tmp_path / "b"), "--port", "9001", "--threads", "auto"]
     cfg = parse_cfg([*flags, "--host", "0.0.0.0", "--max-pixels", "1000"], env)
     assert (cfg.bundle, cfg.port, cfg.threads) == (tmp_path / "b", 9001, None)
@@ -754,6 +757,7 @@ def test_settings_from_environment_and_flags(tmp_path: Path) -> None:
         (["--bundle", "b", "--max-pixels", "999999999999"], {}, "COPS_MAX_PIXELS"),
         (["--bundle", "b"], {"COPS_CONCURRENCY": "none"}, "COPS_CONCURRENCY"),
         (["--bundle", "b"], {"COPS_LOG_LEVEL": "loud"}, "invalid log level 'loud'"),
+        (["--bundle", "b"], {"COPS_WARMUP": "maybe"}, "'maybe' is not on or off.*COPS_WARMUP"),
     ],
 )
 def test_invalid_settings_exit_2(
@@ -766,8 +770,21 @@ def test_invalid_settings_exit_2(
 
 
 @pytest.mark.parametrize(
-    "field, value", [("port", -1), ("threads", 0), ("max_pixels", 10**12), ("log_level", "loud")]
+    "field, value",
+    [("port", -1), ("threads", 0), ("max_pixels", 10**12), ("log_level", "loud"), ("warmup", "on")],
 )
 def test_invalid_service_cfg(field: str, value: object, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=f"invalid {field}={value!r}"):
         ServiceCfg(bundle=tmp_path, **{field: value})
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_open_detector_passes_the_warmup_setting(
+    warmup: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cops_service.app as service_app
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(service_app.Detector, "open", lambda bundle, **kw: seen.update(kw))
+    service_app.open_detector(ServiceCfg(bundle=tmp_path, warmup=warmup))
+    assert seen["warmup"] is warmup

@@ -298,3 +298,73 @@ def test_timings_and_description(det: Detector) -> None:
     times = det.last_inference_time
     assert set(times) == {"vision", "head"} and all(t is not None and t > 0 for t in times.values())
     assert det.describe().startswith("backend onnxruntime (CPUExecutionProvider)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Warm-up inside open
+
+
+@pytest.fixture
+def infer_calls(monkeypatch) -> list[tuple[str, tuple[int, ...]]]:
+    """Every ONNX Runtime ``infer`` call as (graph name, shape of its first input)."""
+    from cops_deploy.runtime.backends import OnnxRuntimeBackend
+
+    calls: list[tuple[str, tuple[int, ...]]] = []
+    real = OnnxRuntimeBackend.infer
+
+    def counted(self, feed):
+        calls.append((self.name, next(iter(feed.values())).shape))
+        return real(self, feed)
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "infer", counted)
+    return calls
+
+
+def test_warmup_runs_one_dummy_image_inside_open(tiny_bundle: Path, infer_calls) -> None:
+    with Detector.open(tiny_bundle, backend="onnxruntime") as d:
+        assert infer_calls == []  # off by default: open runs no graph
+    with Detector.open(tiny_bundle, backend="onnxruntime", warmup=True) as d:
+        s = d.input_size
+        assert infer_calls[0] == ("vision", (1, 3, s, s))
+        assert [name for name, _ in infer_calls] == ["vision", "head"]
+        d.predict(rng_images(1))
+        assert len(infer_calls) == 4
+
+
+def test_warmup_leaves_predictions_unchanged(tiny_bundle: Path, det: Detector) -> None:
+    images = rng_images(2)
+    with Detector.open(tiny_bundle, warmup=True) as warm:
+        assert warm.warm_up() > 0
+        assert max(_max_diff(warm.predict(images), det.predict(images))) == 0
+
+
+def test_warmup_comes_after_the_bundle_verification(make_bundle, infer_calls) -> None:
+    root = make_bundle()
+    data = root / "head.onnx.data" if (root / "head.onnx.data").exists() else root / "head.onnx"
+    content = bytearray(data.read_bytes())
+    content[-1] ^= 0x01  # still a loadable graph: only the sha256 check can refuse it
+    data.write_bytes(bytes(content))
+    with pytest.raises(BundleError, match="has sha256"):
+        Detector.open(root, backend="onnxruntime", warmup=True)
+    assert infer_calls == []  # refused before any graph ran
+
+
+def test_failed_warmup_closes_the_backends(tiny_bundle: Path, monkeypatch) -> None:
+    from cops_deploy.runtime.backends import OnnxRuntimeBackend
+
+    opened: list[OnnxRuntimeBackend] = []
+    real_activate = OnnxRuntimeBackend.activate
+
+    def activate(self) -> None:
+        opened.append(self)
+        real_activate(self)
+
+    def broken(self, feed):
+        raise BundleError(f"graph {self.name!r} failed on purpose")
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "activate", activate)
+    monkeypatch.setattr(OnnxRuntimeBackend, "infer", broken)
+    with pytest.raises(BundleError, match="failed on purpose"):
+        Detector.open(tiny_bundle, backend="onnxruntime", warmup=True)
+    assert [b.name for b in opened] == ["vision", "head"]
+    assert not any(b.is_active for b in opened)

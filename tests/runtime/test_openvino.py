@@ -37,6 +37,9 @@ def _run(bundle: Bundle, images: np.ndarray, precision: str) -> dict[str, np.nda
         emb = vision.infer({"image": images})
         out = {**emb, **head.infer(emb)}
         assert vision.provider == f"openvino CPU {precision}"
+        # What OpenVINO compiled, read back: the proof that bf16 really runs bfloat16.
+        assert vision.inference_precision == {"fp32": "f32", "bf16": "bf16"}[precision]
+        assert head.inference_precision == "f32"
         again = vision.infer({"image": images[:1]})  # outputs are copies, not reused buffers
         assert not np.shares_memory(again["patch_embedding"], emb["patch_embedding"])
     return out
@@ -90,6 +93,10 @@ def test_open_pair_puts_precision_on_the_vision_graph_only(bundle, monkeypatch) 
     finally:
         head.deactivate()
         vision.deactivate()
+
+
+def test_inference_precision_is_none_while_inactive(bundle) -> None:
+    assert OpenVinoBackend(bundle, "vision", precision="bf16").inference_precision is None
 
 
 def test_unavailable_without_openvino(bundle, monkeypatch) -> None:

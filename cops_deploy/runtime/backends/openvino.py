@@ -94,6 +94,15 @@ class OpenVinoBackend(Backend):
         """'openvino <device> <precision>'."""
         return f"openvino {self.device} {self.precision}"
 
+    @property
+    def inference_precision(self) -> str | None:
+        """The precision OpenVINO compiled the graph's matmuls for, read back from the compiled
+        model's INFERENCE_PRECISION_HINT ('bf16', 'f32'); None while inactive. The proof that
+        precision='bf16' really runs bfloat16 (the benchmark suite checks it)."""
+        if self._compiled is None:
+            return None
+        return self._compiled.get_property("INFERENCE_PRECISION_HINT").to_string()  # an ov.Type
+
     def _activate(self) -> None:
         ov = _import_openvino()
         core = ov.Core()

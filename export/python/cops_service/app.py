@@ -65,9 +65,13 @@ _ASGIApp = Callable[[_Scope, _Receive, _Send], Awaitable[None]]
 
 
 def open_detector(cfg: ServiceCfg) -> Detector:
-    """``Detector.open`` with the service's bundle, backend, precision and threads."""
+    """``Detector.open`` with the service's bundle, backend, precision, threads and warm-up."""
     return Detector.open(
-        cfg.bundle, backend=cfg.backend, precision=cfg.precision, threads=cfg.threads
+        cfg.bundle,
+        backend=cfg.backend,
+        precision=cfg.precision,
+        threads=cfg.threads,
+        warmup=cfg.warmup,
     )
 
 

@@ -41,6 +41,8 @@ class ServiceCfg:
         backend: ``Detector.open``'s backend ('auto', 'onnxruntime', 'openvino', ...).
         precision: ``Detector.open``'s precision ('fp32', or 'bf16' with openvino).
         threads: intra-op threads of ONNX Runtime / OpenVINO; None: one per core.
+        warmup: run one dummy image inside ``Detector.open`` (``warmup=True``), so the first
+            request after a restart is served at the steady-state speed.
         max_upload_bytes: the largest request body accepted (413 above it).
         max_pixels: the largest image (width x height) decoded (422 above it).
         concurrency: predictions running at once (each in a worker thread).
@@ -53,6 +55,7 @@ class ServiceCfg:
     backend: str = "auto"
     precision: str = "fp32"
     threads: int | None = None
+    warmup: bool = True
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
     concurrency: int = 2
@@ -62,6 +65,10 @@ class ServiceCfg:
         _check_int("port", self.port, 0, 65535)
         if self.threads is not None:
             _check_int("threads", self.threads, 1, None)
+        if not isinstance(self.warmup, bool):
+            raise ConfigError(
+                f"invalid warmup={self.warmup!r}; valid: True or False. Fix: pass a bool."
+            )
         _check_int("max_upload_bytes", self.max_upload_bytes, 1, None)
         _check_int("max_pixels", self.max_pixels, 1, Image.MAX_IMAGE_PIXELS)
         _check_int("concurrency", self.concurrency, 1, None)
@@ -111,6 +118,17 @@ def _optional_threads(text: str) -> int | None:
     return _integer("--threads", "COPS_THREADS", 1)(text)
 
 
+def _switch(text: str) -> bool:
+    """'on' / 'off' (also 1/0, true/false, yes/no) as a bool, for --warmup and COPS_WARMUP."""
+    value = {"on": True, "1": True, "true": True, "yes": True}.get(text.strip().lower())
+    if value is None and text.strip().lower() not in ("off", "0", "false", "no"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not on or off (set by --warmup or the environment variable "
+            f"COPS_WARMUP). Fix: give on or off."
+        )
+    return bool(value)
+
+
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """The service's argument parser; defaults come from ``env`` (default: ``os.environ``)."""
     env = os.environ if env is None else env
@@ -149,6 +167,13 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         type=_optional_threads,
         default=env.get("COPS_THREADS", "auto"),
         help="intra-op threads of ONNX Runtime/OpenVINO, or auto (one per core) [COPS_THREADS]",
+    )
+    p.add_argument(
+        "--warmup",
+        type=_switch,
+        default=env.get("COPS_WARMUP", "on"),
+        help="on: run one dummy image while opening, so the first request is served at the "
+        "steady-state speed; off: open faster [COPS_WARMUP] (default on)",
     )
     p.add_argument(
         "--max-upload-bytes",
@@ -202,6 +227,7 @@ def parse_cfg(
         backend=args.backend,
         precision=args.precision,
         threads=args.threads,
+        warmup=args.warmup,
         max_upload_bytes=args.max_upload_bytes,
         max_pixels=args.max_pixels,
         concurrency=args.concurrency,
