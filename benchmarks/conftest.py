@@ -2,6 +2,7 @@
 
     pytest benchmarks/                  # every backend on cops-tiny and cops-vit-l-14-336
     pytest benchmarks/ --bench-quick    # cops-tiny only, few repeats (part of ``make test``)
+    pytest benchmarks/test_zoo.py --bench-zoo   # the paper's six backbone rows (zoo.py)
 
 Results go to ``--bench-out`` (default ``bench_out/``): results.json, results.md, latency.png.
 """
@@ -46,6 +47,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--gate-floor-fp32", type=float, default=1.1, help="CPU fp32 p50 / fp32 floor")
     g.addoption("--gate-floor-bf16", type=float, default=1.3, help="CPU bf16 p50 / bf16 floor")
     g.addoption("--gate-gpu-ms", type=float, default=168.0, help="GPU latency gate (paper)")
+    z = parser.getgroup("cops-bench-zoo", "cops-deploy zoo benchmark (benchmarks/zoo.py)")
+    z.addoption("--bench-zoo", action="store_true", help="run the Table S3 zoo (heavy)")
+    z.addoption(
+        "--bench-zoo-row",
+        action="append",
+        default=None,
+        help="zoo row(s) to run, e.g. cops-vit-b-16-224@336 (default: all six)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
