@@ -43,7 +43,7 @@ def _fake_results() -> dict[str, Any]:
             "input_size": row.input_size,
             "image_auroc": row.image_auroc,
             "pixel_auroc": row.pixel_auroc,
-            "backends": {k: {"p50_s": v * (1 + 2 * i)} for k, v in latency.items()},
+            "backends": {k: {"p50_s": v * (1 + 2 * i), "cpu_p50_s": v} for k, v in latency.items()},
         }
     rows[TABLE_S3[0].model]["backends"]["openvino/bf16"] = {"p50_s": None, "skipped": "no bf16"}
     return {
@@ -73,7 +73,8 @@ def test_write_zoo_writes_json_markdown_and_chart(tmp_path: Path):
     assert png.shape[0] > 300 and png.shape[1] > 600 and png.std() > 0
     md = paths[1].read_text()
     assert (
-        "| `cops-vit-l-14-224@518` | ViT-L/14@224px | 518 | 90.0 | 91.8 | 5.00 s | 2.50 s * |" in md
+        "| `cops-vit-l-14-224@518` | ViT-L/14@224px | 518 | 90.0 | 91.8 | 5.00 s (cpu 1.00 s) | 2.50 s (cpu 0.50 s) * |"
+        in md
     )
     assert "no bf16" in md and "paper Table S3" in md
     import json
