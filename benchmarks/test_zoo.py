@@ -68,7 +68,7 @@ def test_write_zoo_writes_json_markdown_and_chart(tmp_path: Path):
     import matplotlib.image
 
     paths = zoo.write_zoo(_fake_results(), tmp_path)
-    assert [p.name for p in paths] == ["zoo.json", "zoo.md", "zoo.png"]
+    assert [p.name for p in paths] == ["zoo.json", "zoo.md", "zoo.png", "zoo-cpu.png"]
     png = matplotlib.image.imread(paths[2])
     assert png.shape[0] > 300 and png.shape[1] > 600 and png.std() > 0
     md = paths[1].read_text()
@@ -82,6 +82,12 @@ def test_write_zoo_writes_json_markdown_and_chart(tmp_path: Path):
     data = json.loads(paths[0].read_text())
     assert data["fronts"]["pixel_auroc"][0]["model"] == "cops-vit-b-16-224@336"
     assert "not measured here" in data["accuracy_source"]
+    # by CPU seconds every row costs the same per backend here: the most accurate bf16 row wins
+    front = [(p["model"], p["backend"]) for p in data["fronts_cpu"]["image_auroc"]]
+    assert front == [("cops-vit-l-14-224@518", "openvino/bf16")]
+    no_cpu = _fake_results()
+    del no_cpu["rows"][TABLE_S3[1].model]["backends"]["openvino/bf16"]["cpu_p50_s"]
+    assert [p.name for p in zoo.write_zoo(no_cpu, tmp_path / "partial")][-1] == "zoo.png"
 
 
 def test_merge_keeps_earlier_rows_of_the_same_machine():

@@ -174,23 +174,28 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
-def points(results: dict[str, Any], metric: str) -> list[dict[str, Any]]:
-    """One point per measured (row, backend): model, backend key, p50 latency, paper figure."""
+# What a chart's x axis can be: the wall time, or the CPU seconds (all threads) per image.
+LATENCIES = {
+    "p50_s": "measured p50 latency per image, batch 1 (s, log scale)",
+    "cpu_p50_s": "measured CPU seconds per image, all threads, batch 1 (s, log scale)",
+}
+
+
+def points(results: dict[str, Any], metric: str, key: str = "p50_s") -> list[dict[str, Any]]:
+    """One point per measured (row, backend): model, backend key, latency ``key``, paper figure."""
     out = []
     for model, row in results["rows"].items():
-        for key, b in row["backends"].items():
-            if b.get("p50_s") is not None:
-                out.append(
-                    {"model": model, "backend": key, "latency": b["p50_s"], "acc": row[metric]}
-                )
+        for name, b in row["backends"].items():
+            if b.get(key) is not None:
+                out.append({"model": model, "backend": name, "latency": b[key], "acc": row[metric]})
     return out
 
 
-def fronts(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """The Pareto front of each metric over every measured (row, backend), by latency."""
+def fronts(results: dict[str, Any], key: str = "p50_s") -> dict[str, list[dict[str, Any]]]:
+    """The Pareto front of each metric over every measured (row, backend), by latency ``key``."""
     out = {}
     for metric in METRICS:
-        pts = points(results, metric)
+        pts = points(results, metric, key)
         out[metric] = [pts[i] for i in pareto_front([(p["latency"], p["acc"]) for p in pts])]
     return out
 
@@ -224,9 +229,9 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def chart(results: dict[str, Any], path: Path) -> None:
-    """Accuracy (paper) against measured latency, one panel per metric, one marker per backend,
-    the Pareto front drawn as a step line through its points."""
+def chart(results: dict[str, Any], path: Path, key: str = "p50_s") -> None:
+    """Accuracy (paper) against measured latency ``key`` (a LATENCIES key), one panel per
+    metric, one marker per backend, the Pareto front drawn as a step line through its points."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -237,17 +242,17 @@ def chart(results: dict[str, Any], path: Path) -> None:
     backends = [f"{b}/{p}" for b, p in results.get("backends", [])]
     fig, axes = plt.subplots(1, len(METRICS), figsize=(13, 5), squeeze=False)
     for ax, (metric, label) in zip(axes[0], METRICS.items(), strict=True):
-        pts = points(results, metric)
-        for j, key in enumerate(backends):
-            mine = [p for p in pts if p["backend"] == key]
+        pts = points(results, metric, key)
+        for j, name in enumerate(backends):
+            mine = [p for p in pts if p["backend"] == name]
             ax.scatter(
                 [p["latency"] for p in mine],
                 [p["acc"] for p in mine],
                 marker=markers[j % len(markers)],
-                label=key,
+                label=name,
                 zorder=3,
             )
-        front = fronts(results)[metric]
+        front = fronts(results, key)[metric]
         if front:
             ax.step(
                 [p["latency"] for p in front],
@@ -281,7 +286,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
         ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
         ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-        ax.set_xlabel("measured p50 latency per image, batch 1 (s, log scale)")
+        ax.set_xlabel(LATENCIES[key])
         ax.set_ylabel(f"{label} on MVTec-AD (%, paper Table S3)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
@@ -344,11 +349,19 @@ def read_previous(out: Path) -> dict[str, Any] | None:
 
 
 def write_zoo(results: dict[str, Any], out: Path) -> list[Path]:
-    """zoo.json, zoo.md and zoo.png in ``out``; returns their paths."""
+    """zoo.json, zoo.md, zoo.png (wall time) and, when every point has it, zoo-cpu.png (CPU
+    seconds per image) in ``out``; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "zoo.json", out / "zoo.md", out / "zoo.png"]
+    if points(results, "image_auroc") and len(points(results, "image_auroc", "cpu_p50_s")) == len(
+        points(results, "image_auroc")
+    ):
+        paths.append(out / "zoo-cpu.png")
+        chart(results, paths[-1], "cpu_p50_s")
     data = {k: v for k, v in results.items() if k not in ("fronts", "accuracy_source")}
     data = dict(data, fronts=fronts(results), accuracy_source=ACCURACY_SOURCE)
+    if len(paths) == 4:
+        data["fronts_cpu"] = fronts(results, "cpu_p50_s")
     paths[0].write_text(json.dumps(data, indent=2, default=float))
     paths[1].write_text(markdown(results))
     chart(results, paths[2])
