@@ -2,6 +2,7 @@
 
     pytest benchmarks/                  # every backend on cops-tiny and cops-vit-l-14-336
     pytest benchmarks/ --bench-quick    # cops-tiny only, few repeats (part of ``make test``)
+    pytest benchmarks/test_zoo.py --bench-zoo   # the paper's six backbone rows (zoo.py)
 
 Results go to ``--bench-out`` (default ``bench_out/``): results.json, results.md, latency.png.
 """
@@ -69,6 +70,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--bench-reuse-bundles",
         action="store_true",
         help="reuse the bundles already exported under --bench-out (skip the exports)",
+    )
+    z = parser.getgroup("cops-bench-zoo", "cops-deploy zoo benchmark (benchmarks/zoo.py)")
+    z.addoption("--bench-zoo", action="store_true", help="run the Table S3 zoo (heavy)")
+    z.addoption(
+        "--bench-zoo-row",
+        action="append",
+        default=None,
+        help="zoo row(s) to run, e.g. cops-vit-b-16-224@336 (default: all six)",
     )
 
 

@@ -1,7 +1,9 @@
 """Architectures as data: each CoPS model is a JSON file in this folder.
 
 ``list_configs()`` names them, ``get_config(name)`` parses one into a :class:`CopsCfg`, and
-``add_config(path_or_dict)`` registers a user's own. Torch-free, so the run side can read the
+``add_config(path_or_dict)`` registers a user's own. ``NAME@SIZE`` (e.g.
+``cops-vit-l-14-336@700``) is architecture NAME run at SIZE x SIZE pixels: the one way to change
+the input size, accepted wherever a model name is. Torch-free, so the run side can read the
 model configuration stored in a bundle manifest.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,9 @@ _REGISTRY: dict[str, dict[str, Any]] = {}
 # Model families built from these configs: "cops" (METHOD.md) and "anomalyclip" (AnomalyCLIP,
 # ICLR 2024: static learned prompts, per-layer maps summed; cops_deploy.model.anomalyclip).
 MODEL_KINDS = ("cops", "anomalyclip")
+
+# Separates an architecture name from the input size it runs at: "cops-vit-l-14-336@700".
+SIZE_SEPARATOR = "@"
 
 
 @dataclass(frozen=True)
@@ -247,7 +253,8 @@ def _validate(cfg: CopsCfg) -> None:
         ),
         (
             cfg.preprocess.size == v.input_size,
-            f"preprocess.size {cfg.preprocess.size} must equal vision.input_size {v.input_size}",
+            f"preprocess.size {cfg.preprocess.size} must equal vision.input_size {v.input_size} "
+            f"(to run a registered model at another size, name it NAME{SIZE_SEPARATOR}SIZE)",
         ),
     ]
     for ok, message in checks:
@@ -293,14 +300,66 @@ def add_config(source: str | Path | dict[str, Any]) -> str:
     """Register an architecture from a JSON file or dict; returns its name."""
     raw = json.loads(Path(source).read_text()) if not isinstance(source, dict) else source
     cfg = config_from_dict(raw)
+    if SIZE_SEPARATOR in cfg.name:
+        raise ConfigError(
+            f"cannot register the architecture name {cfg.name!r}: {SIZE_SEPARATOR!r} is reserved "
+            f"for the input size (NAME{SIZE_SEPARATOR}SIZE). Fix: rename it without "
+            f"{SIZE_SEPARATOR!r}, e.g. {cfg.name.replace(SIZE_SEPARATOR, '-')!r}."
+        )
     list_configs()
     _REGISTRY[cfg.name] = cfg.to_dict()
     return cfg.name
 
 
+def split_input_size(name: str) -> tuple[str, int | None]:
+    """``"cops-vit-l-14-336@700"`` -> ``("cops-vit-l-14-336", 700)``; a plain name -> (name, None).
+
+    Raises ConfigError when the part after ``@`` is not a positive whole number of pixels.
+    """
+    base, sep, size = name.partition(SIZE_SEPARATOR)
+    if not sep:
+        return name, None
+    if not re.fullmatch(r"[0-9]+", size) or int(size) == 0:
+        raise ConfigError(
+            f"invalid model name {name!r}: the input size after {SIZE_SEPARATOR!r} must be a "
+            f"positive whole number of pixels, got {size!r}. Fix: write "
+            f"'{base}{SIZE_SEPARATOR}SIZE' with SIZE a multiple of the patch size, or {base!r} "
+            "for its default size."
+        )
+    return base, int(size)
+
+
+def _with_input_size(raw: dict[str, Any], size: int, asked: str) -> dict[str, Any]:
+    """``raw`` run at ``size`` (vision.input_size and preprocess.size); named NAME@SIZE unless
+    ``size`` is its own default."""
+    patch = raw["vision"]["patch_size"]
+    if size % patch:
+        lower = size - size % patch
+        nearest = [n for n in (lower, lower + patch) if n >= patch]
+        best = min(nearest, key=lambda n: abs(n - size))
+        raise ConfigError(
+            f"invalid input size {size} in model name {asked!r}: {raw['name']!r} has "
+            f"{patch}-pixel patches, so the input size must be a multiple of {patch} "
+            f"(nearest: {', '.join(map(str, nearest))}). Fix: ask for "
+            f"'{raw['name']}{SIZE_SEPARATOR}{best}'."
+        )
+    raw = copy.deepcopy(raw)
+    if size != raw["vision"]["input_size"]:
+        raw["name"] = f"{raw['name']}{SIZE_SEPARATOR}{size}"
+    raw["vision"]["input_size"] = size
+    raw["preprocess"]["size"] = size
+    return raw
+
+
 def get_config(name: str, **overrides: Any) -> CopsCfg:
-    """The architecture registered as ``name``, with optional dotted or bare-key overrides."""
+    """The architecture registered as ``name``, with optional dotted or bare-key overrides.
+
+    ``NAME@SIZE`` runs architecture NAME at SIZE x SIZE pixels (a multiple of its patch size);
+    the positional table is resized from the weights' grid to SIZE / patch, as at the default.
+    """
     names = list_configs()
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown CoPS model {name!r}; registered models are {names}")
-    return config_from_dict(_apply_overrides(_REGISTRY[name], overrides))
+    base, size = split_input_size(name)
+    if base not in _REGISTRY:
+        raise ConfigError(f"unknown CoPS model {base!r}; registered models are {names}")
+    raw = _REGISTRY[base] if size is None else _with_input_size(_REGISTRY[base], size, name)
+    return config_from_dict(_apply_overrides(raw, overrides))
