@@ -24,14 +24,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cops_deploy.errors import BundleError, ConfigError, MissingDependencyError
-from cops_deploy.export.bundle_writer import onnx_external_data_files, replace_dir
+from cops_deploy.export.bundle_writer import (
+    clean_stale_temporaries,
+    make_temp_dir,
+    onnx_external_data_files,
+    replace_dir,
+)
 from cops_deploy.extras import BUILD_INSTALL
 from cops_deploy.runtime.bundle import Bundle, open_bundle
 
@@ -303,7 +307,8 @@ def write_triton_repository(
     ensemble = _ensemble_config(vision_io, head_io, max_batch)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    clean_stale_temporaries(out)  # what a killed earlier write left beside ``out``
+    tmp = make_temp_dir(out, "tmp")  # named with this pid, mode from the umask
     try:
         for model, (path, (inputs, outputs)) in sources.items():
             _copy_graph(path, tmp / model / "1")

@@ -206,3 +206,28 @@ def test_static_batch_graph_is_refused(bundle_dir: Path, tmp_path: Path) -> None
     onnx.save(helper.make_model(graph), str(copy / "vision.onnx"))
     with pytest.raises(BundleError, match="'image' has shape \\[1, 3, 98, 98\\].*dynamic"):
         write_triton_repository(bundle, tmp_path / "out")
+
+
+def test_a_killed_write_is_cleaned_and_modes_follow_the_umask(
+    bundle_dir: Path, tmp_path: Path
+) -> None:
+    """A temporary left by a dead process is removed by the next write; one of a live process
+    is kept; the repository's folders take 0777 less the umask (not mkdtemp's 0700)."""
+    import os
+    import subprocess
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".models.tmp-{dead.pid}-00aa11bb22cc"
+    (stale / "vision" / "1").mkdir(parents=True)
+    live = tmp_path / f".models.tmp-{os.getpid()}-00aa11bb22cd"
+    live.mkdir()
+    old = os.umask(0o022)
+    try:
+        out = write_triton_repository(bundle_dir, tmp_path / "models")
+    finally:
+        os.umask(old)
+    assert not stale.exists()
+    assert live.is_dir()
+    assert (out.stat().st_mode & 0o777) == 0o755
+    assert ((out / VISION_MODEL).stat().st_mode & 0o777) == 0o755
