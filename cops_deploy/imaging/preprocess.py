@@ -13,7 +13,12 @@ import numpy as np
 from PIL import Image
 
 from cops_deploy.errors import ConfigError, ImageReadError
-from cops_deploy.imaging.decode import ImageSource, array_to_rgb, load_image
+from cops_deploy.imaging.decode import (
+    DEFAULT_MAX_PIXELS,
+    ImageSource,
+    array_to_rgb,
+    load_image,
+)
 
 __all__ = ["check_map", "preprocess", "preprocess_batch", "resize_map"]
 
@@ -54,6 +59,8 @@ def preprocess_batch(
     size: int,
     mean: Sequence[float],
     std: Sequence[float],
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """Load and preprocess several images.
 
@@ -62,6 +69,7 @@ def preprocess_batch(
             path or PIL image is a batch of one; a single numpy array is one image, unless it
             is 4-D (B, H, W, C), which is a batch.
         size, mean, std: as for :func:`preprocess`.
+        max_pixels: the largest width x height a file may claim (see :func:`load_image`).
 
     Returns:
         A (B, 3, size, size) float32 array and the original (H, W) of each image (after EXIF
@@ -82,7 +90,7 @@ def preprocess_batch(
     sizes: list[tuple[int, int]] = []
     for i, item in enumerate(items):
         try:
-            rgb = load_image(item)
+            rgb = load_image(item, max_pixels=max_pixels)
         except ImageReadError as exc:
             raise ImageReadError(f"batch item {i} of {len(items)}: {exc}") from exc
         sizes.append((int(rgb.shape[0]), int(rgb.shape[1])))

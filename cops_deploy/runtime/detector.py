@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from cops_deploy.errors import BackendError, BundleError, ConfigError, CopsError, ImageReadError
-from cops_deploy.imaging.decode import ImageSource
+from cops_deploy.imaging.decode import DEFAULT_MAX_PIXELS, ImageSource
 from cops_deploy.imaging.preprocess import preprocess_batch, resize_map
 from cops_deploy.runtime.backends import (
     AUTO,
@@ -321,6 +321,7 @@ class Detector:
         batch_size: int | None = None,
         regions: bool = True,
         min_area: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> list[Prediction]:
         """Score one or many images; returns one Prediction per image, in input order.
 
@@ -336,6 +337,8 @@ class Detector:
             regions: find the mask and regions when the bundle is calibrated (False: scores
                 and maps only, as for an uncalibrated bundle).
             min_area: smallest region kept, in pixels; None: the calibration's ``min_area``.
+            max_pixels: the largest width x height an image FILE may claim (the decompression
+                limit; see :func:`~cops_deploy.imaging.decode.load_image`).
 
         Raises:
             ImageReadError: an image cannot be read (the message gives its index and source).
@@ -356,15 +359,19 @@ class Detector:
         predictions: list[Prediction] = []
         for start in range(0, len(items), size):
             chunk = items[start : start + size]
-            predictions.extend(self._predict_chunk(chunk, start, len(items), original_size, area))
+            predictions.extend(
+                self._predict_chunk(chunk, start, len(items), original_size, area, max_pixels)
+            )
         return predictions
 
-    def _load(self, chunk: list[Any], start: int, total: int) -> tuple[np.ndarray, list]:
+    def _load(
+        self, chunk: list[Any], start: int, total: int, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> tuple[np.ndarray, list]:
         """(B, 3, S, S) float32 batch and the (H, W) of each image of ``chunk``, the images
         ``start`` .. ``start + B - 1`` of the ``total`` given to ``predict``."""
         pre = self.manifest.preprocess
         try:
-            return preprocess_batch(chunk, pre.size, pre.mean, pre.std)
+            return preprocess_batch(chunk, pre.size, pre.mean, pre.std, max_pixels=max_pixels)
         except ImageReadError as exc:
             if len(chunk) == total:  # one chunk: its item index is the image index
                 raise
@@ -388,10 +395,16 @@ class Detector:
         return scores, maps
 
     def _predict_chunk(
-        self, chunk: list[Any], start: int, total: int, original_size: bool, min_area: int | None
+        self,
+        chunk: list[Any],
+        start: int,
+        total: int,
+        original_size: bool,
+        min_area: int | None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> list[Prediction]:
         """Predictions of ``chunk``; ``min_area`` None: no mask nor regions."""
-        batch, sizes = self._load(chunk, start, total)
+        batch, sizes = self._load(chunk, start, total, max_pixels)
         scores, maps = self._run(batch)
         cal = self._calibration if min_area is not None else None
         out = []

@@ -368,3 +368,19 @@ def test_failed_warmup_closes_the_backends(tiny_bundle: Path, monkeypatch) -> No
         Detector.open(tiny_bundle, backend="onnxruntime", warmup=True)
     assert [b.name for b in opened] == ["vision", "head"]
     assert not any(b.is_active for b in opened)
+
+
+def test_predict_applies_its_decompression_limit_to_files(tiny_bundle: Path, tmp_path) -> None:
+    """``max_pixels`` reaches the decoder: a 64x64 file is refused under a 4095-pixel limit
+    and scored under the default; an in-memory array is not a file and is not limited."""
+    from PIL import Image
+
+    from cops_deploy.errors import ImageReadError
+
+    path = tmp_path / "a.png"
+    Image.new("RGB", (64, 64), (120, 30, 200)).save(path)
+    with Detector.open(tiny_bundle) as det:
+        with pytest.raises(ImageReadError, match="4096|4,096|4095|4,095"):
+            det.predict(path, max_pixels=64 * 64 - 1)
+        assert len(det.predict(path)) == 1
+        assert len(det.predict(np.zeros((64, 64, 3), np.uint8), max_pixels=100)) == 1
