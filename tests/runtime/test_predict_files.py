@@ -438,14 +438,16 @@ def _colour_pixels(picture: Path, colour: tuple[int, int, int]) -> int:
 def test_decisions_and_regions_reach_records_pictures_and_review(tmp_path: Path) -> None:
     paths = _uniform_images(tmp_path / "in", [60, 120, 180])  # increasing scores
     out = tmp_path / "out"
-    scores = [float(np.asarray(Image.open(p)).mean() / 255) for p in paths]
-    threshold = float(np.float32(scores[1]))  # exactly one image's score, as FakeBatch gives it
+    # the scores as FakeBatch gives them (float32); the threshold is exactly the second one
+    scores = [float(np.float32(np.asarray(Image.open(p)).mean() / 255)) for p in paths]
+    threshold = scores[1]
     report = write_predictions(
         tmp_path / "in", DecidingBatch(threshold), out, info={"threshold": threshold}
     )
     by_name = {Path(r["source"]).name: r for r in report.results}
     for path, score in zip(paths, scores, strict=True):
         record = by_name[path.name]
+        assert record["score"] == score
         assert record["anomalous"] is (score >= threshold)
         assert record["regions"] == [
             {"x": 0, "y": 0, "width": 3, "height": 2, "area": 6, "peak": 0.9, "mean": 0.7}
@@ -499,23 +501,30 @@ def test_resume_keeps_the_decisions_and_rebuilds_the_review(tmp_path: Path) -> N
 def test_predict_files_decides_as_the_detector(
     tiny_bundle: Path, tmp_path: Path, make_bundle
 ) -> None:
-    """A calibrated bundle: records and info equal Detector.predict and its calibration."""
-    import dataclasses
-
+    """A calibrated bundle: records and info equal Detector.predict and its calibration; the
+    min_area given replaces the calibration's (one that drops regions the calibration keeps)."""
     from cops_deploy.runtime.calibration import calibrate, write_calibration
 
     paths = _uniform_images(tmp_path / "normal", [30, 90, 150, 210])
+    (tmp_path / "noisy").mkdir()
+    for i, rgb in enumerate(cops_tiny_bundle.rng_images(2, seed=5)):
+        paths.append(tmp_path / "noisy" / f"{i}.png")
+        Image.fromarray(rgb).save(paths[-1])
     bundle = make_bundle("calibrated")
     with Detector.open(bundle) as d:
-        record = calibrate(d, tmp_path / "normal", fpr=0.5, min_area=1)
-    write_calibration(bundle, dataclasses.replace(record, min_area=2))
+        write_calibration(bundle, calibrate(d, tmp_path / "normal", fpr=0.5, min_area=1))
     with Detector.open(bundle) as detector:
-        report = predict_files(detector, paths, tmp_path / "out", batch_size=1, min_area=3)
-        refs = detector.predict(paths, batch_size=1, min_area=3)
+        every = detector.predict(paths, batch_size=1)  # the calibration's min_area, 1
+        areas = sorted({r.area for p in every for r in p.regions})
+        assert areas, "no defect regions: the test needs some"
+        min_area = areas[0] + 1  # drops the smallest regions
+        report = predict_files(detector, paths, tmp_path / "out", batch_size=1, min_area=min_area)
+        refs = detector.predict(paths, batch_size=1, min_area=min_area)
         cal = detector.calibration
+    assert sum(map(len, (p.regions for p in refs))) < sum(map(len, (p.regions for p in every)))
     saved = strict_load(tmp_path / "out" / SCORES_FILE)
     assert saved["threshold"] == cal.image_threshold
-    assert saved["pixel_threshold"] == cal.pixel_threshold and saved["min_area"] == 3
+    assert saved["pixel_threshold"] == cal.pixel_threshold and saved["min_area"] == min_area
     assert saved["calibration"] == cal.to_dict()
     for got, ref in zip(report.results, refs, strict=True):
         assert got["score"] == ref.score and got["anomalous"] is ref.is_anomalous
