@@ -58,6 +58,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cops_deploy.errors import ConfigError, CopsError, ImageReadError
+from cops_deploy.fileio import atomic_write_bytes
 from cops_deploy.imaging.annotate import annotate
 from cops_deploy.imaging.decode import (
     DEFAULT_MAX_PIXELS,
@@ -76,7 +77,7 @@ from cops_deploy.runtime.results_folder import (
     ResultsFolder,
     check_out_outside_inputs,
 )
-from cops_deploy.runtime.review import REVIEW_FILE, ReviewSummary, write_review
+from cops_deploy.runtime.review import REVIEW_FILE, ReviewSummary, render_review
 
 __all__ = [
     "JOURNAL_FILE",
@@ -251,13 +252,16 @@ def write_predictions(
         folder.start(info)
         report = _Run(scan, predict_batch, folder, batch_size, limit, progress).run()
         if review:
-            report.review = write_review(
-                folder.path / REVIEW_FILE,
+            text = render_review(
                 [_review_record(r, info or {}) for r in report.results],
                 report.failures,
                 review_summary(info or {}, report),
                 pictures_dir=folder.path,
             )
+            # A file name that is not UTF-8 (bytes kept as lone surrogates, as os.listdir gives
+            # them) is shown escaped (\udcff) rather than refusing the page.
+            data = text.encode("utf-8", errors="backslashreplace")
+            report.review = atomic_write_bytes(folder.path / REVIEW_FILE, data, mode=0o644)
         return report
     finally:
         if folder is not out:

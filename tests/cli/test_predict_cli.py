@@ -199,7 +199,8 @@ def test_resume_max_pixels_and_out_inside_input(tmp_path, capsys):
     assert "--max-pixels" in capsys.readouterr().err
     (out / "mine.txt").write_text("not a result")
     assert main(["predict", str(folder), "--out", str(out), *BASE, "--force"]) == 0
-    assert "--force: removed 2 file(s) of an earlier run" in capsys.readouterr().err
+    # scores.json, results.jsonl and review.html of the earlier run (its images all failed)
+    assert "--force: removed 3 file(s) of an earlier run" in capsys.readouterr().err
     assert (out / "mine.txt").read_text() == "not a result"
     full = _read_scores(out)
     journal = (out / "results.jsonl").read_text().splitlines(keepends=True)
