@@ -21,7 +21,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "a PNG with the image, the heatmap and the overlay. Every file that cannot be "
             "scored is reported with the reason and the others are scored; the exit status is "
             "1 if any failed. Results are journalled as they are made (--resume continues a "
-            "stopped run)."
+            "stopped run). A calibrated bundle (cops calibrate) also decides (anomalous or OK) "
+            "and outlines the defect regions; without a threshold nothing is decided. "
+            "review.html, a self-contained page of the run, is written at the end."
         ),
     )
     p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
@@ -56,6 +58,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         src, preset_default=None, default_note="default: the model's config; not with --bundle"
     )
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
+    p.add_argument(
+        "--min-area",
+        type=int,
+        default=None,
+        help="smallest defect region kept, in pixels of the original image (a calibrated "
+        "--bundle only; default: the calibration's min_area)",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -91,6 +100,13 @@ def run(args: argparse.Namespace) -> int:
         from cops_deploy.cli.predict_bundle import predict_with_bundle
 
         return predict_with_bundle(args)
+    if args.min_area is not None:
+        raise CopsError(
+            f"--min-area {args.min_area} filters the defect regions of a calibrated bundle; "
+            "from PyTorch weights there is no calibration, hence no threshold and no regions "
+            "(the results are undecided). Fix: export a bundle (cops-export), calibrate it "
+            "(cops calibrate) and pass --bundle, or leave --min-area out."
+        )
     if args.precision != "fp32":
         raise CopsError(
             f"--precision {args.precision} runs a bundle on --backend openvino; the PyTorch "
@@ -111,7 +127,18 @@ def run(args: argparse.Namespace) -> int:
             cops_weights=args.weights,
             **head_overrides(args),  # --preset, --alpha, --beta, --kernel
         ).to(args.device)
-        info = {"model": args.model, "weights": model.provenance, "backend": "torch"}
+        # No calibration from weights: undecided (anomalous null), no regions; the keys are
+        # there so that scores.json has one shape whatever scored it.
+        info = {
+            "model": args.model,
+            "weights": model.provenance,
+            "backend": "torch",
+            "precision": "fp32",
+            "threshold": None,
+            "pixel_threshold": None,
+            "min_area": None,
+            "calibration": None,
+        }
         report = write_predictions(
             scan,
             model_batch(model),
@@ -120,5 +147,6 @@ def run(args: argparse.Namespace) -> int:
             info=info,
             progress=True,
             max_pixels=args.max_pixels,
+            review=args.review,
         )
     return finish(report, args.out)

@@ -1,5 +1,6 @@
 """What both paths of ``cops predict`` share: the input and output arguments, opening the
-results folder before the model loads, and the closing summary with the exit status."""
+results folder before the model loads, and the closing summary (with the decision counts) and
+the exit status."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ from pathlib import Path
 from cops_deploy.imaging.decode import DEFAULT_MAX_PIXELS, InputScan, check_max_pixels, scan_inputs
 from cops_deploy.runtime.predict_files import PredictReport
 from cops_deploy.runtime.results_folder import JOURNAL_FILE, SCORES_FILE, ResultsFolder
+from cops_deploy.runtime.review import REVIEW_FILE
 
 __all__ = ["add_output_args", "finish", "open_run"]
 
 
 def add_output_args(p: argparse.ArgumentParser) -> None:
-    """``--out``, ``--force``, ``--resume`` and ``--max-pixels``."""
+    """``--out``, ``--force``, ``--resume``, ``--max-pixels`` and ``--no-review``."""
     p.add_argument(
         "--out", required=True, type=Path, help="output folder (not inside an input folder)"
     )
@@ -37,6 +39,13 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_PIXELS,
         help="largest image decoded, width x height; larger files are reported as failures "
         f"(default {DEFAULT_MAX_PIXELS})",
+    )
+    p.add_argument(
+        "--no-review",
+        dest="review",
+        action="store_false",
+        help=f"do not write {REVIEW_FILE}, the self-contained review page of the run (the "
+        "summary, the decision counts and the pictures sorted by score)",
     )
 
 
@@ -72,11 +81,19 @@ def finish(report: PredictReport, out: Path) -> int:
     """Print how many results went to ``out`` (and how many files failed or were skipped);
     returns the exit status: 1 if any file failed, else 0."""
     parts = [f"wrote {len(report.results)} result(s) to {out}"]
+    decided = [r["anomalous"] for r in report.results if r.get("anomalous") is not None]
+    if decided:
+        parts.append(f"{sum(decided)} anomalous, {len(decided) - sum(decided)} OK")
+    undecided = len(report.results) - len(decided)
+    if undecided:
+        parts.append(f"{undecided} undecided (no threshold: cops calibrate sets one)")
     if report.resumed:
         parts.append(f"{report.resumed} of them from the earlier run (--resume)")
     if report.failures:
         parts.append(f"{len(report.failures)} file(s) failed")
     if report.skipped:
         parts.append(f"{len(report.skipped)} folder entr(ies) skipped (listed in {SCORES_FILE})")
+    if report.review is not None:
+        parts.append(f"review: {report.review}")
     print("; ".join(parts))
     return 1 if report.failures else 0

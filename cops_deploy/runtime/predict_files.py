@@ -16,14 +16,21 @@ The records: one dict per image, the same in the journal, in :class:`PredictRepo
 journal ``results.jsonl`` and ``scores.json``):
 
 - result: ``source`` (the input path as given), ``score`` (finite float), ``visual`` (the
-  picture's path inside ``out``), ``height``, ``width`` (of the image after EXIF orientation);
+  picture's path inside ``out``), ``height``, ``width`` (of the image after EXIF orientation),
+  ``anomalous`` (``score >= threshold``: true or false; null when there is no threshold, so
+  nothing pretends to decide) and ``regions`` (the defect regions, dicts as
+  :meth:`~cops_deploy.runtime.regions.Region.to_dict`: ``x``, ``y``, ``width``, ``height``,
+  ``area``, ``peak``, ``mean`` in the image's pixels; null when there is no pixel threshold, i.e.
+  no calibration). The names are those of the C++ consumer's ``cops-detect``;
 - failure: ``source``, ``reason`` (a code: :data:`~cops_deploy.imaging.decode.READ_FAILURES`
   or ``out_of_memory``, ``backend_error``, ``non_finite_output``, ``write_error``), ``error``;
 - skipped: ``source``, ``reason`` (:data:`~cops_deploy.imaging.decode.SKIP_REASONS`),
   ``error``.
 
 Result pictures (image | heatmap | overlay, bounded in size: see
-:func:`~cops_deploy.imaging.visualize.side_by_side`) are named from the input's path relative
+:func:`~cops_deploy.imaging.visualize.side_by_side`; the image, and so the overlay, carries
+:func:`~cops_deploy.imaging.annotate.annotate`'s outlines of the regions and a banner with the
+decision, or ``NO THRESHOLD``) are named from the input's path relative
 to its input argument plus ``.png``, mirroring the folders: ``photos/sub/a.jpg`` scored as
 ``cops predict photos`` gives ``sub/a.jpg.png``. With several input arguments (or one file),
 each argument gets a top-level entry named after it (``photos/``, ``b.png.png``; a second
@@ -32,7 +39,9 @@ run (a.jpg, a.png and a_00002.png give a.jpg.png, a.png.png and a_00002.png.png)
 
 Each result is journalled as soon as it is written, so a killed run is continued with
 ``resume=True`` (``--resume``): images with a result are not scored again, failed ones are
-retried. Silent unless ``progress`` (a tqdm bar and each failure on stderr). Torch-free.
+retried. At the end of every run (a resumed one too, from all its records) the review page
+``review.html`` (:mod:`~cops_deploy.runtime.review`) is written beside ``scores.json`` unless
+``review=False``. Silent unless ``progress`` (a tqdm bar and each failure on stderr). Torch-free.
 """
 
 from __future__ import annotations
@@ -49,6 +58,8 @@ import numpy as np
 from tqdm import tqdm
 
 from cops_deploy.errors import ConfigError, CopsError, ImageReadError
+from cops_deploy.fileio import atomic_write_bytes
+from cops_deploy.imaging.annotate import annotate
 from cops_deploy.imaging.decode import (
     DEFAULT_MAX_PIXELS,
     InputFile,
@@ -59,28 +70,49 @@ from cops_deploy.imaging.decode import (
 )
 from cops_deploy.imaging.visualize import side_by_side
 from cops_deploy.runtime.detector import Detector
+from cops_deploy.runtime.regions import Region, check_min_area
 from cops_deploy.runtime.results_folder import (
     JOURNAL_FILE,
     SCORES_FILE,
     ResultsFolder,
     check_out_outside_inputs,
 )
+from cops_deploy.runtime.review import REVIEW_FILE, ReviewSummary, render_review
 
 __all__ = [
     "JOURNAL_FILE",
+    "REVIEW_FILE",
     "SCORES_FILE",
+    "Decision",
     "Inputs",
     "PredictBatch",
     "PredictReport",
     "detector_batch",
+    "detector_info",
     "predict_files",
     "prepare_out_dir",
     "result_names",
+    "review_summary",
     "write_predictions",
 ]
 
-# (list of RGB uint8 images) -> (scores [B], anomaly maps [B, S, S])
-PredictBatch = Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray]]
+
+@dataclass(frozen=True)
+class Decision:
+    """What a predictor decided for one image: ``anomalous`` (None: no threshold, undecided),
+    the ``threshold`` it used, and the defect ``regions`` (None: no pixel threshold)."""
+
+    anomalous: bool | None = None
+    threshold: float | None = None
+    regions: tuple[Region, ...] | None = None
+
+
+# (list of RGB uint8 images) -> (scores [B], anomaly maps [B, S, S]), optionally followed by one
+# Decision per image (without them every image is undecided)
+PredictBatch = Callable[
+    [list[np.ndarray]],
+    tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, Sequence[Decision]],
+]
 # image files or folders (searched recursively): one path, or several; or a finished scan
 Inputs = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | InputScan
 Out = str | os.PathLike[str] | ResultsFolder
@@ -96,6 +128,7 @@ class PredictReport:
     failures: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
     resumed: int = 0
+    review: Path | None = None  # the review page written, None with review=False
 
 
 def prepare_out_dir(out: str | os.PathLike[str], force: bool) -> None:
@@ -185,10 +218,12 @@ def write_predictions(
     info: Mapping[str, Any] | None = None,
     progress: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    review: bool = True,
 ) -> PredictReport:
     """Predict every image under ``inputs`` with ``predict_batch`` (``batch_size`` images per
     call) into ``out``: one picture per image, the journal as it goes, ``scores.json`` (``info``,
-    then results, failures and skipped entries) at the end.
+    then results, failures and skipped entries) and, unless ``review`` is False, ``review.html``
+    (its summary from ``info``: see :func:`review_summary`) at the end.
 
     Args:
         inputs: files and folders, or the :class:`InputScan` of them.
@@ -202,6 +237,7 @@ def write_predictions(
             ``force`` nor ``resume`` is set, is in use by another run, or its journal is from
             other settings.
         ConfigError: ``max_pixels`` is invalid.
+        OSError: ``review.html`` cannot be written (``scores.json`` is already written).
     """
     limit = check_max_pixels(max_pixels)
     out_path = out.path if isinstance(out, ResultsFolder) else Path(out)
@@ -214,10 +250,62 @@ def write_predictions(
     )
     try:
         folder.start(info)
-        return _Run(scan, predict_batch, folder, batch_size, limit, progress).run()
+        report = _Run(scan, predict_batch, folder, batch_size, limit, progress).run()
+        if review:
+            text = render_review(
+                [_review_record(r, info or {}) for r in report.results],
+                report.failures,
+                review_summary(info or {}, report),
+                pictures_dir=folder.path,
+            )
+            # A file name that is not UTF-8 (bytes kept as lone surrogates, as os.listdir gives
+            # them) is shown escaped (\udcff) rather than refusing the page.
+            data = text.encode("utf-8", errors="backslashreplace")
+            report.review = atomic_write_bytes(folder.path / REVIEW_FILE, data, mode=0o644)
+        return report
     finally:
         if folder is not out:
             folder.close()
+
+
+def _review_record(record: Mapping[str, Any], info: Mapping[str, Any]) -> dict[str, Any]:
+    """A scores.json result as runtime.review reads it (its decision key is ``is_anomalous``)."""
+    return {**record, "is_anomalous": record.get("anomalous"), "threshold": info.get("threshold")}
+
+
+def review_summary(info: Mapping[str, Any], report: PredictReport) -> ReviewSummary:
+    """The review page's summary of a run: what scored (``info``'s ``bundle``, else ``model``
+    and ``weights``), backend, precision, and the thresholds and calibration when given."""
+    model = info.get("bundle") or info.get("model") or ""
+    details: dict[str, Any] = {}
+    if info.get("weights") and not info.get("bundle"):
+        details["weights"] = info["weights"]
+    if info.get("provider"):
+        details["provider"] = info["provider"]
+    threshold = info.get("threshold")
+    details["threshold"] = "none: no decisions (cops calibrate)" if threshold is None else threshold
+    if info.get("pixel_threshold") is not None:
+        details["pixel threshold"] = info["pixel_threshold"]
+    if info.get("min_area") is not None:
+        details["min area (pixels)"] = info["min_area"]
+    cal = info.get("calibration")
+    if isinstance(cal, Mapping):
+        image = cal.get("image") if isinstance(cal.get("image"), Mapping) else {}
+        target = image.get("target_fpr")
+        how = f"{image.get('method')}" + (f" {target}" if target is not None else "")
+        normal = (cal.get("images") or {}).get("normal") or {}
+        count = f", {normal['count']} normal images" if "count" in normal else ""
+        details["calibration"] = f"{how}, {cal.get('created')}{count}"
+    if report.resumed:
+        details["resumed"] = f"{report.resumed} result(s) from the earlier run"
+    if report.skipped:
+        details["skipped"] = f"{len(report.skipped)} folder entr(ies) (listed in {SCORES_FILE})"
+    return ReviewSummary(
+        model=str(model),
+        backend=str(info.get("backend") or ""),
+        precision=str(info.get("precision") or "fp32"),
+        details=details,
+    )
 
 
 class _Run:
@@ -297,20 +385,26 @@ class _Run:
                 self.pending = [one]
                 self.flush()
             return
-        for (item, name, rgb), score, amap in zip(batch, *outputs, strict=True):
-            self.finish_one(item, name, rgb, score, amap)
+        for (item, name, rgb), score, amap, decision in zip(batch, *outputs, strict=True):
+            self.finish_one(item, name, rgb, score, amap, decision)
 
     def predict(self, batch: list[tuple[InputFile, str, np.ndarray]]) -> tuple | None:
-        """(scores, maps) for ``batch``, or None when it raised (recorded for one image)."""
+        """(scores, maps, decisions) for ``batch``, or None when it raised (recorded for one
+        image)."""
         try:
-            scores, maps = self.predict_batch([rgb for _, _, rgb in batch])
+            scores, maps, *rest = self.predict_batch([rgb for _, _, rgb in batch])
             scores, maps = np.asarray(scores), np.asarray(maps)
-            if scores.shape[:1] != (len(batch),) or maps.shape[:1] != (len(batch),):
+            decisions = list(rest[0]) if rest else [Decision()] * len(batch)
+            if (
+                scores.shape[:1] != (len(batch),)
+                or maps.shape[:1] != (len(batch),)
+                or len(decisions) != len(batch)
+            ):
                 raise CopsError(
-                    f"the predictor returned {scores.shape[:1]} scores and {maps.shape[:1]} "
-                    f"maps for {len(batch)} images"
+                    f"the predictor returned {scores.shape[:1]} scores, {maps.shape[:1]} maps "
+                    f"and {len(decisions)} decisions for {len(batch)} images"
                 )
-            return scores, maps
+            return scores, maps, decisions
         except MemoryError as exc:
             reason, error = "out_of_memory", f"out of memory while predicting: {exc}"
         except Exception as exc:  # any backend's error: recorded per image, the run goes on
@@ -321,7 +415,13 @@ class _Run:
         return None
 
     def finish_one(
-        self, item: InputFile, name: str, rgb: np.ndarray, score: Any, amap: np.ndarray
+        self,
+        item: InputFile,
+        name: str,
+        rgb: np.ndarray,
+        score: Any,
+        amap: np.ndarray,
+        decision: Decision,
     ) -> None:
         score = float(score)
         bad = int(np.size(amap) - np.count_nonzero(np.isfinite(amap)))
@@ -344,7 +444,10 @@ class _Run:
             )
             return
         try:
-            side_by_side(rgb, amap, target, score=score)
+            shown = annotate(
+                rgb, decision.regions or (), decision.anomalous, score, decision.threshold
+            )
+            side_by_side(shown, amap, target, score=score)
         except (OSError, MemoryError, CopsError) as exc:
             self.fail(item, "write_error", f"{item.path}: cannot write {target}: {exc}")
             return
@@ -356,6 +459,10 @@ class _Run:
                 "visual": name,
                 "height": int(height),
                 "width": int(width),
+                "anomalous": decision.anomalous,
+                "regions": None
+                if decision.regions is None
+                else [r.to_dict() for r in decision.regions],
             }
         )
         self.bar.update(1)
@@ -365,17 +472,41 @@ class _Run:
 # With a Detector
 
 
-def detector_batch(detector: Detector, batch_size: int | None = None) -> PredictBatch:
+def detector_batch(
+    detector: Detector, batch_size: int | None = None, min_area: int | None = None
+) -> PredictBatch:
     """``detector`` as a batch predictor (``batch_size`` images per graph call; None: the
-    detector's maximum batch)."""
+    detector's maximum batch) with its decisions and regions (``min_area``: as
+    :meth:`Detector.predict`; None: the calibration's)."""
     size = _batch_size(batch_size, detector.max_batch)
 
-    def predict_batch(rgbs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        preds = detector.predict(rgbs, batch_size=size)
+    def predict_batch(rgbs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[Decision]]:
+        preds = detector.predict(rgbs, batch_size=size, min_area=min_area)
         scores = np.array([p.score for p in preds], dtype=np.float32)
-        return scores, np.stack([p.anomaly_map for p in preds])
+        decisions = [Decision(p.is_anomalous, p.threshold, p.regions) for p in preds]
+        return scores, np.stack([p.anomaly_map for p in preds]), decisions
 
     return predict_batch
+
+
+def detector_info(
+    detector: Detector, precision: str = "fp32", min_area: int | None = None
+) -> dict[str, Any]:
+    """The ``info`` (scores.json's top-level keys) of a run of ``detector``: ``bundle``,
+    ``backend``, ``provider``, ``precision``, ``threshold`` (None: no decisions),
+    ``pixel_threshold`` and ``min_area`` in effect (None without a calibration) and
+    ``calibration``, the bundle's calibration record (method, target, date, image sets, ...)."""
+    cal = detector.calibration
+    return {
+        "bundle": str(detector.bundle.root),
+        "backend": detector.backend_name,
+        "provider": detector.provider,
+        "precision": precision,
+        "threshold": detector.threshold,
+        "pixel_threshold": None if cal is None else cal.pixel_threshold,
+        "min_area": None if cal is None else (cal.min_area if min_area is None else min_area),
+        "calibration": None if cal is None else cal.to_dict(),
+    }
 
 
 def predict_files(
@@ -389,28 +520,29 @@ def predict_files(
     precision: str = "fp32",
     progress: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_area: int | None = None,
+    review: bool = True,
 ) -> PredictReport:
     """Score every image under ``inputs`` with ``detector`` into ``out`` (see
-    :func:`write_predictions`).
+    :func:`write_predictions`), with the detector's decisions and, on a calibrated bundle, the
+    defect regions of at least ``min_area`` pixels (None: the calibration's ``min_area``).
 
-    ``scores.json`` also records the bundle, the backend, its provider, ``precision`` (the one
-    the detector was opened with) and the bundle's threshold.
+    ``scores.json`` also records :func:`detector_info`: the bundle, the backend, its provider,
+    ``precision`` (the one the detector was opened with), the thresholds, ``min_area`` and the
+    calibration record.
 
     Raises:
-        ConfigError: ``batch_size`` is not an integer in 1..``detector.max_batch``.
+        ConfigError: ``batch_size`` is not an integer in 1..``detector.max_batch``, or
+            ``min_area`` is not an integer >= 1.
         ImageReadError, CopsError: as :func:`write_predictions`.
     """
     size = _batch_size(batch_size, detector.max_batch)
-    info = {
-        "bundle": str(detector.bundle.root),
-        "backend": detector.backend_name,
-        "provider": detector.provider,
-        "precision": precision,
-        "threshold": detector.threshold,
-    }
+    if min_area is not None:
+        check_min_area(min_area)
+    info = detector_info(detector, precision, min_area)
     return write_predictions(
         inputs,
-        detector_batch(detector, size),
+        detector_batch(detector, size, min_area),
         out,
         batch_size=size,
         force=force,
@@ -418,6 +550,7 @@ def predict_files(
         info=info,
         progress=progress,
         max_pixels=max_pixels,
+        review=review,
     )
 
 

@@ -21,6 +21,8 @@ Files a run writes into the folder (and the only ones ``--force`` removes again)
 - ``scores.json``, written atomically at the end from the journal: the ``info`` keys, then
   ``results``, ``failures`` (both in input order) and ``skipped`` (folder entries not scored,
   with the reason). Strict JSON: NaN or infinity is never written.
+- ``review.html``, the review page (:mod:`cops_deploy.runtime.review`), written by the caller
+  after ``scores.json`` (see :func:`cops_deploy.runtime.predict_files.write_predictions`).
 
 Checks when the folder is opened: it is not, and is not inside, an input folder (resolved
 paths, so symbolic links count); it is a folder or can be made; it holds nothing unless
@@ -47,6 +49,7 @@ from typing import Any
 
 from cops_deploy.errors import CopsError
 from cops_deploy.fileio import atomic_write_text
+from cops_deploy.runtime.review import REVIEW_FILE
 
 try:  # POSIX; see the module docstring for the fallback
     import fcntl
@@ -216,7 +219,7 @@ class ResultsFolder:
             removed_dirs.update(
                 p for p in target.parents if p != self.path and p.is_relative_to(self.path)
             )
-        for name in (SCORES_FILE, JOURNAL_FILE):
+        for name in (SCORES_FILE, JOURNAL_FILE, REVIEW_FILE):
             target = self.path / name
             if target.is_file() and not target.is_symlink():
                 target.unlink()

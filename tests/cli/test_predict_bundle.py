@@ -187,3 +187,86 @@ def test_tampered_bundle_is_refused_by_cops_predict(
     assert re.search(r"^cops predict: error: ", done.stderr, re.MULTILINE), done.stderr
     assert re.search(case.message, done.stderr), done.stderr
     assert not (out / "scores.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Decisions, regions and the review page of a calibrated bundle
+
+
+@pytest.fixture
+def fresh_bundle(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> Path:
+    """An uncalibrated cops-tiny bundle of this test's own (calibrating changes it)."""
+    graphs = cops_tiny_bundle.export_tiny_graphs(
+        tmp_path_factory.getbasetemp() / "cops_tiny_graphs"
+    )
+    return cops_tiny_bundle.write_tiny_bundle(tmp_path / "bundle", graphs, torch_weights=False)
+
+
+def test_the_decision_boundary_through_cops_predict(
+    inputs: Path, fresh_bundle: Path, tmp_path: Path, capsys
+) -> None:
+    """A calibration whose threshold is one image's exact score: that image is anomalous
+    (``score >= threshold``), in scores.json, the picture and the review page."""
+    import dataclasses
+
+    from cops_deploy.cli.main import main
+    from cops_deploy.imaging.annotate import ANOMALOUS_COLOUR
+    from cops_deploy.runtime.calibration import calibrate, write_calibration
+
+    out = tmp_path / "out"
+    argv = ["predict", str(inputs), "--bundle", str(fresh_bundle), "--backend", "onnxruntime"]
+    assert main([*argv, "--out", str(out)]) == 0
+    before = json.loads((out / "scores.json").read_text())
+    assert before["threshold"] is before["pixel_threshold"] is before["calibration"] is None
+    assert all(r["anomalous"] is r["regions"] is None for r in before["results"])
+    assert "undecided (3)" in (out / "review.html").read_text()
+    assert "3 undecided" in capsys.readouterr().out
+    # --min-area needs a calibration
+    with pytest.raises(ConfigError, match="--min-area 2: bundle .* has no calibration"):
+        predict_with_bundle(args([inputs], fresh_bundle, tmp_path / "o0", min_area=2))
+
+    ranked = sorted(before["results"], key=lambda r: r["score"])
+    middle = ranked[1]
+    with Detector.open(fresh_bundle, backend="onnxruntime") as detector:
+        record = calibrate(detector, inputs, fpr=0.5, min_area=1)
+    image = dataclasses.replace(record.image, threshold=middle["score"])
+    write_calibration(fresh_bundle, dataclasses.replace(record, image=image))
+
+    assert main([*argv, "--out", str(out), "--force", "--min-area", "2"]) == 0
+    saved = json.loads((out / "scores.json").read_text())
+    assert "2 anomalous, 1 OK" in capsys.readouterr().out
+    by_source = {r["source"]: r for r in saved["results"]}
+    assert by_source[middle["source"]]["score"] == middle["score"]  # the same run, exactly
+    assert by_source[middle["source"]]["anomalous"] is True  # at the threshold: anomalous
+    assert by_source[ranked[0]["source"]]["anomalous"] is False
+    assert by_source[ranked[2]["source"]]["anomalous"] is True
+    assert saved["threshold"] == middle["score"]
+    assert saved["pixel_threshold"] == record.pixel_threshold and saved["min_area"] == 2
+    cal = saved["calibration"]
+    assert (cal["image"]["method"], cal["image"]["target_fpr"]) == ("fpr", 0.5)
+    assert cal["created"] == record.created
+    with Detector.open(fresh_bundle, backend="onnxruntime") as detector:
+        refs = detector.predict(list(by_source), min_area=2)
+    for ref in refs:
+        assert by_source[ref.source]["regions"] == [r.to_dict() for r in ref.regions]
+        assert all(r.area >= 2 for r in ref.regions)
+    assert any(by_source[ref.source]["regions"] for ref in refs)
+    picture = out / by_source[middle["source"]]["visual"]
+    with Image.open(picture) as im:
+        rgb = np.asarray(im.convert("RGB")).astype(int)
+    assert (np.abs(rgb - np.array(ANOMALOUS_COLOUR)).max(axis=-1) <= 2).sum() > 20
+    page = (out / "review.html").read_text()
+    assert "NOT OK (2)" in page and "OK (1)" in page and "undecided (0)" in page
+    assert "fpr 0.5" in page and str(fresh_bundle) in page
+
+
+def test_no_review_and_min_area_refusals(inputs: Path, bundle_dir: Path, tmp_path: Path) -> None:
+    from cops_deploy.cli.main import main
+
+    out = tmp_path / "out"
+    argv = ["predict", str(inputs), "--bundle", str(bundle_dir), "--out", str(out)]
+    assert main([*argv, "--no-review", "--backend", "onnxruntime"]) == 0
+    assert (out / "scores.json").is_file() and not (out / "review.html").exists()
+    with pytest.raises(ConfigError, match="invalid min_area 0"):
+        predict_with_bundle(args([inputs], bundle_dir, tmp_path / "o1", min_area=0))
+    assert not (tmp_path / "o1").exists()  # refused before the folder is made

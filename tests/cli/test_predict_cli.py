@@ -58,8 +58,22 @@ def test_all_supported_inputs_predicted(tmp_path, capsys):
         assert (out / r["visual"]).is_file()
     rotated = next(r for r in scores["results"] if r["source"].endswith("rotated.jpg"))
     assert (rotated["height"], rotated["width"]) == (rgb.shape[1], rgb.shape[0])
+    # from weights: no calibration, so nothing is decided, and the review page is written
+    assert all(r["anomalous"] is r["regions"] is None for r in scores["results"])
+    assert scores["threshold"] is scores["calibration"] is None
+    page = (out / "review.html").read_text()
+    assert "undecided (7)" in page and "cops-tiny" in page and "torch" in page
+    assert "7 undecided" in capsys.readouterr().out
+
     with Image.open(out / rotated["visual"]) as im:
         assert im.format == "PNG"
+
+
+def test_min_area_needs_a_calibrated_bundle(tmp_path, capsys):
+    _write_inputs(tmp_path / "in")
+    argv = ["predict", str(tmp_path / "in"), "--out", str(tmp_path / "out"), *BASE]
+    assert main([*argv, "--min-area", "5"]) == 2
+    assert "--min-area 5" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def test_bad_files_reported_by_name_and_others_processed(tmp_path, capsys):
@@ -185,7 +199,8 @@ def test_resume_max_pixels_and_out_inside_input(tmp_path, capsys):
     assert "--max-pixels" in capsys.readouterr().err
     (out / "mine.txt").write_text("not a result")
     assert main(["predict", str(folder), "--out", str(out), *BASE, "--force"]) == 0
-    assert "--force: removed 2 file(s) of an earlier run" in capsys.readouterr().err
+    # scores.json, results.jsonl and review.html of the earlier run (its images all failed)
+    assert "--force: removed 3 file(s) of an earlier run" in capsys.readouterr().err
     assert (out / "mine.txt").read_text() == "not a result"
     full = _read_scores(out)
     journal = (out / "results.jsonl").read_text().splitlines(keepends=True)

@@ -48,9 +48,16 @@ FULL_MODEL = "cops-vit-l-14-336"
 # The tiny bundle's architecture: COPS_CPP_TINY_MODEL=anomalyclip-tiny runs every test on an
 # AnomalyCLIP bundle (the consumer is model-agnostic: it chains the graphs by tensor name).
 TINY_MODEL = os.environ.get("COPS_CPP_TINY_MODEL", "cops-tiny")
-# The fields `cops predict` writes to scores.json (cops_deploy/cli/predict_common.py).
-TOP_FIELDS = {"bundle", "backend", "provider", "precision", "threshold", "results", "failures"}
-RESULT_FIELDS = {"source", "score", "visual", "height", "width"}
+# The fields `cops predict` writes to scores.json (cops_deploy/runtime/predict_files.py).
+TOP_FIELDS = {
+    "bundle", "backend", "provider", "precision", "threshold", "pixel_threshold", "min_area",
+    "results", "failures",
+}  # fmt: skip
+RESULT_FIELDS = {"source", "score", "visual", "height", "width", "anomalous", "regions"}
+# scores.json fields cops-detect does not write: the folder entries that were not scored
+# (cops-detect takes files only) and the bundle's calibration record (it reads the same record
+# from the bundle; its thresholds and min_area are compared as fields).
+PYTHON_ONLY_FIELDS = {"skipped", "calibration"}
 
 
 def _cache_root() -> Path:
@@ -273,7 +280,7 @@ def test_cops_detect_matches_cops_predict_and_the_python_detector(
     status = cops_main(["predict", *map(str, few), *args])
     assert status == 1
     scores = json.loads((py_out / "scores.json").read_text())
-    assert TOP_FIELDS <= set(scores) <= set(report)
+    assert TOP_FIELDS <= set(scores) <= set(report) | PYTHON_ONLY_FIELDS
     for record, reference in zip(report["results"][:3], scores["results"], strict=True):
         assert RESULT_FIELDS <= set(reference) <= set(record)
         assert record["source"] == reference["source"]

@@ -222,8 +222,9 @@ def test_predict_equals_detector(
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["score"] == ref.score  # exactly: the same decode, preprocessing and graphs
-    assert body["decision"] is ref.is_anomalous
+    assert body["anomalous"] is body["decision"] is ref.is_anomalous
     assert body["threshold"] == ref.threshold == detector.threshold
+    assert body["pixel_threshold"] is body["regions"] is None  # a threshold, no calibration
     assert (body["image"]["height"], body["image"]["width"]) == ref.original_hw
     amap = body["anomaly_map"]
     size = detector.input_size
@@ -529,8 +530,54 @@ def test_bundle_without_threshold_gives_no_decision(
         body = post_image(c, path, "multipart").json()
         assert body["score"] == ref.score
         assert body["decision"] is None and body["threshold"] is None
+        assert body["anomalous"] is body["pixel_threshold"] is body["regions"] is None
         described = c.get("/describe").json()
         assert described["threshold"] is None and described["parity"] == {}
+        assert described["calibration"] is None
+
+
+def test_a_calibrated_bundle_answers_decisions_and_regions_of_the_detector(
+    plain_bundle: Path, image_files: dict[str, Path], tmp_path: Path
+) -> None:
+    """The answer's anomalous, threshold, pixel_threshold and regions equal Detector.predict's,
+    with the threshold at one image's exact score (at the threshold: anomalous)."""
+    import dataclasses
+    import shutil
+
+    from cops_deploy.runtime.calibration import calibrate, write_calibration
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(plain_bundle, bundle)
+    normal = tmp_path / "normal"
+    normal.mkdir()
+    names = ["rgb.png", "photo.jpg", "grey.png", "rgb.bmp"]
+    for name in names:
+        shutil.copy(image_files[name], normal / name)
+    with Detector.open(bundle, backend="onnxruntime", threads=1) as d:
+        record = calibrate(d, normal, fpr=0.5, min_area=2)
+        at = d.predict([image_files["rgb.png"]])[0].score
+    image = dataclasses.replace(record.image, threshold=at)
+    write_calibration(bundle, dataclasses.replace(record, image=image))
+    app = create_app(ServiceCfg(bundle=bundle, backend="onnxruntime", threads=1))
+    with Detector.open(bundle, backend="onnxruntime", threads=1) as d, serve_in_thread(app) as c:
+        wait_until(lambda: answers(c, "/ready", 200), "readiness")
+        assert c.get("/describe").json()["calibration"] == d.calibration.to_dict()
+        decided, found = set(), 0
+        for name in names:
+            ref = d.predict([image_files[name]])[0]
+            body = post_image(c, image_files[name], "multipart").json()
+            assert body["score"] == ref.score
+            assert body["anomalous"] is body["decision"] is ref.is_anomalous
+            assert body["threshold"] == ref.threshold == at
+            assert body["pixel_threshold"] == ref.pixel_threshold == record.pixel_threshold
+            assert ref.regions is not None
+            assert body["regions"] == [r.to_dict() for r in ref.regions]
+            assert all(r["area"] >= 2 for r in body["regions"])
+            decided.add(body["anomalous"])
+            found += len(body["regions"])
+            if name == "rgb.png":
+                assert body["score"] == at and body["anomalous"] is True  # the boundary
+        assert decided == {True, False} and found > 0
 
 
 def test_not_ready_while_the_detector_opens(

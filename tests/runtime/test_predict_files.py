@@ -12,16 +12,20 @@ import pytest
 from PIL import Image
 
 from cops_deploy.errors import ConfigError, CopsError, ImageReadError
+from cops_deploy.imaging.annotate import ANOMALOUS_COLOUR, NORMAL_COLOUR, UNDECIDED_COLOUR
 from cops_deploy.runtime.detector import Detector
 from cops_deploy.runtime.predict_files import (
     JOURNAL_FILE,
+    REVIEW_FILE,
     SCORES_FILE,
+    Decision,
     PredictReport,
     detector_batch,
     predict_files,
     prepare_out_dir,
     write_predictions,
 )
+from cops_deploy.runtime.regions import Region
 
 
 @pytest.fixture
@@ -186,6 +190,7 @@ def test_per_image_failures_do_not_end_the_run(tmp_path: Path, batch_size: int) 
         "img001.png.png",
         "img005.png.png",
         JOURNAL_FILE,
+        REVIEW_FILE,
         SCORES_FILE,
     ]
 
@@ -328,6 +333,7 @@ def test_force_clears_only_the_earlier_results(tmp_path: Path) -> None:
         "img001.png.png",
         "notes.txt",
         JOURNAL_FILE,
+        REVIEW_FILE,
         SCORES_FILE,
     ]  # img002 and sub/c pictures (and the emptied sub/) removed
     assert (tmp_path / "victim.png").read_text() == "outside"
@@ -382,3 +388,147 @@ def test_result_names_are_unique_and_stable(tmp_path: Path) -> None:
     assert by_source["in/sub/a.png"] == "in/sub/a.png.png"
     assert len(report.results) == len(names) + 1  # in/a.png once, as named first
     assert report.skipped == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Decisions, regions, the annotated picture and the review page
+
+
+class DecidingBatch(FakeBatch):
+    """FakeBatch that decides ``score >= threshold`` (None: undecided) and, when deciding,
+    reports one region, the image's top-left 3x2 pixels."""
+
+    def __init__(self, threshold: float | None) -> None:
+        super().__init__()
+        self.threshold = threshold
+
+    def __call__(self, rgbs: list[np.ndarray]) -> tuple:
+        scores, maps = super().__call__(rgbs)
+        region = Region(x=0, y=0, width=3, height=2, area=6, peak=0.9, mean=0.7)
+        decisions = [
+            Decision(
+                None if self.threshold is None else bool(s >= self.threshold),
+                self.threshold,
+                None if self.threshold is None else (region,),
+            )
+            for s in scores
+        ]
+        return scores, maps, decisions
+
+
+def _uniform_images(folder: Path, values: list[int]) -> list[Path]:
+    """Flat blue-ish images (no decision colour in them) of mean value/255, 40x60."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, v in enumerate(values):
+        rgb = np.zeros((40, 60, 3), np.uint8)
+        rgb[..., 2] = v
+        rgb[..., 1] = v // 2
+        paths.append(folder / f"img{i + 1:03d}.png")
+        Image.fromarray(rgb).save(paths[-1])
+    return paths
+
+
+def _colour_pixels(picture: Path, colour: tuple[int, int, int]) -> int:
+    with Image.open(picture) as im:
+        rgb = np.asarray(im.convert("RGB")).astype(int)
+    return int((np.abs(rgb - np.array(colour)).max(axis=-1) <= 2).sum())
+
+
+def test_decisions_and_regions_reach_records_pictures_and_review(tmp_path: Path) -> None:
+    paths = _uniform_images(tmp_path / "in", [60, 120, 180])  # increasing scores
+    out = tmp_path / "out"
+    # the scores as FakeBatch gives them (float32); the threshold is exactly the second one
+    scores = [float(np.float32(np.asarray(Image.open(p)).mean() / 255)) for p in paths]
+    threshold = scores[1]
+    report = write_predictions(
+        tmp_path / "in", DecidingBatch(threshold), out, info={"threshold": threshold}
+    )
+    by_name = {Path(r["source"]).name: r for r in report.results}
+    for path, score in zip(paths, scores, strict=True):
+        record = by_name[path.name]
+        assert record["score"] == score
+        assert record["anomalous"] is (score >= threshold)
+        assert record["regions"] == [
+            {"x": 0, "y": 0, "width": 3, "height": 2, "area": 6, "peak": 0.9, "mean": 0.7}
+        ]
+    assert by_name["img002.png"]["anomalous"] is True  # at the threshold
+    assert strict_load(out / SCORES_FILE)["results"] == report.results
+    for record in report.results:
+        picture = out / record["visual"]
+        want = ANOMALOUS_COLOUR if record["anomalous"] else NORMAL_COLOUR
+        other = NORMAL_COLOUR if record["anomalous"] else ANOMALOUS_COLOUR
+        assert _colour_pixels(picture, want) > 50, record  # the banner (and the outline)
+        assert _colour_pixels(picture, other) == 0, record
+    page = (out / REVIEW_FILE).read_text()
+    assert report.review == out / REVIEW_FILE
+    n_bad = sum(r["anomalous"] for r in report.results)
+    assert f"NOT OK ({n_bad})" in page and f"OK ({3 - n_bad})" in page
+    assert "undecided (0)" in page and all(str(p) in page for p in paths)
+
+
+def test_without_a_threshold_nothing_is_decided(tmp_path: Path) -> None:
+    _uniform_images(tmp_path / "in", [200, 100])
+    out = tmp_path / "out"
+    report = write_predictions(tmp_path / "in", FakeBatch(), out, info={"model": "fake"})
+    assert [(r["anomalous"], r["regions"]) for r in report.results] == [(None, None)] * 2
+    for record in report.results:  # the grey NO THRESHOLD banner, no decision colour
+        picture = out / record["visual"]
+        assert _colour_pixels(picture, UNDECIDED_COLOUR) > 50
+        assert (
+            _colour_pixels(picture, ANOMALOUS_COLOUR) == _colour_pixels(picture, NORMAL_COLOUR) == 0
+        )
+    assert "undecided (2)" in (out / REVIEW_FILE).read_text()
+    again = write_predictions(tmp_path / "in", FakeBatch(), tmp_path / "o2", review=False)
+    assert again.review is None and not (tmp_path / "o2" / REVIEW_FILE).exists()
+
+
+def test_resume_keeps_the_decisions_and_rebuilds_the_review(tmp_path: Path) -> None:
+    _flat_images(tmp_path / "in", [1, 2, 3, 4, 5])
+    out, info = tmp_path / "out", {"threshold": 0.5}
+    first = write_predictions(tmp_path / "in", DecidingBatch(0.5), out, info=info)
+    lines = (out / JOURNAL_FILE).read_text().splitlines(keepends=True)
+    (out / JOURNAL_FILE).write_text("".join(lines[:3]))  # killed after two results
+    (out / SCORES_FILE).unlink()
+    (out / REVIEW_FILE).unlink()
+    again = write_predictions(tmp_path / "in", DecidingBatch(0.5), out, resume=True, info=info)
+    assert again.resumed == 2 and again.results == first.results
+    assert all(r["regions"] and r["anomalous"] is not None for r in again.results)
+    page = (out / REVIEW_FILE).read_text()
+    assert all(r["source"] in page for r in first.results)  # all five, not the three new
+
+
+def test_predict_files_decides_as_the_detector(
+    tiny_bundle: Path, tmp_path: Path, make_bundle
+) -> None:
+    """A calibrated bundle: records and info equal Detector.predict and its calibration; the
+    min_area given replaces the calibration's (one that drops regions the calibration keeps)."""
+    from cops_deploy.runtime.calibration import calibrate, write_calibration
+
+    paths = _uniform_images(tmp_path / "normal", [30, 90, 150, 210])
+    (tmp_path / "noisy").mkdir()
+    for i, rgb in enumerate(cops_tiny_bundle.rng_images(2, seed=5)):
+        paths.append(tmp_path / "noisy" / f"{i}.png")
+        Image.fromarray(rgb).save(paths[-1])
+    bundle = make_bundle("calibrated")
+    with Detector.open(bundle) as d:
+        write_calibration(bundle, calibrate(d, tmp_path / "normal", fpr=0.5, min_area=1))
+    with Detector.open(bundle) as detector:
+        every = detector.predict(paths, batch_size=1)  # the calibration's min_area, 1
+        areas = sorted({r.area for p in every for r in p.regions})
+        assert areas, "no defect regions: the test needs some"
+        min_area = areas[0] + 1  # drops the smallest regions
+        report = predict_files(detector, paths, tmp_path / "out", batch_size=1, min_area=min_area)
+        refs = detector.predict(paths, batch_size=1, min_area=min_area)
+        cal = detector.calibration
+    assert sum(map(len, (p.regions for p in refs))) < sum(map(len, (p.regions for p in every)))
+    saved = strict_load(tmp_path / "out" / SCORES_FILE)
+    assert saved["threshold"] == cal.image_threshold
+    assert saved["pixel_threshold"] == cal.pixel_threshold and saved["min_area"] == min_area
+    assert saved["calibration"] == cal.to_dict()
+    for got, ref in zip(report.results, refs, strict=True):
+        assert got["score"] == ref.score and got["anomalous"] is ref.is_anomalous
+        assert got["regions"] == [r.to_dict() for r in ref.regions]
+    with pytest.raises(ConfigError, match="min_area"):
+        with Detector.open(bundle) as detector:
+            predict_files(detector, paths, tmp_path / "o2", min_area=0)

@@ -4,9 +4,11 @@ Endpoints:
 
     GET  /health     liveness: 200 as long as the process answers HTTP
     GET  /ready      readiness: 200 once the Detector is open; 503 while it opens or if it failed
-    GET  /describe   backend, provider, input size, threshold, provenance, package versions,
+    GET  /describe   backend, provider, input size, threshold, calibration record, provenance,
+                     package versions,
                      the manifest's parity figures and the service's limits
-    POST /predict    one image -> score, decision, threshold (and the anomaly map on request)
+    POST /predict    one image -> score, anomalous (the decision), threshold, pixel threshold and
+                     defect regions (a calibrated bundle), and the anomaly map on request
 
 ``/predict`` takes the image as ``multipart/form-data`` (field ``file``) or as the raw body with
 ``Content-Type: image/*`` or ``application/octet-stream``. Query parameters: ``map`` = none
@@ -316,7 +318,8 @@ def create_app(
         map_kind: Annotated[MapKind, Query(alias="map")] = "none",
         map_size: MapSize = "model",
     ) -> dict:
-        """Score, decision (null without a threshold), threshold, image size, optional map."""
+        """Score, anomalous (null without a threshold), threshold, pixel threshold and regions
+        (null without a calibration), image size, optional map."""
         detector = slot.require()
         data = await read_image_bytes(request)
         work = partial(predict_upload, detector, data, cfg.max_pixels, map_kind, map_size)
@@ -340,6 +343,7 @@ def describe_service(detector: Detector, cfg: ServiceCfg) -> dict:
         "summary": detector.describe(),
         "input_size": detector.input_size,
         "threshold": detector.threshold,
+        "calibration": None if detector.calibration is None else detector.calibration.to_dict(),
         "provenance": manifest.provenance.to_dict(),
         "package_version": manifest.package_version,
         "runtime_version": __version__,

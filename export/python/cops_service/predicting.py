@@ -1,5 +1,12 @@
 """One uploaded image through the Detector, as the JSON the service answers (runs in a worker).
 
+The answer holds ``score``; ``anomalous`` (``score >= threshold``; null without a threshold:
+nothing is decided) and its older name ``decision``; ``threshold``; ``pixel_threshold`` and
+``regions`` (the defect regions in the image's pixels, dicts with ``x``, ``y``, ``width``,
+``height``, ``area``, ``peak``, ``mean``; both null when the bundle has no calibration); the
+image's ``height`` and ``width``; and the anomaly map when asked for. The names are those of
+``cops predict``'s scores.json and the C++ ``cops-detect``.
+
 The anomaly map, when asked for, travels as a base64 PNG inside the JSON:
 
 - ``grey16``: a 16-bit greyscale PNG, pixel = round(clip(map, 0, 1) * 65535); divide by 65535
@@ -52,10 +59,14 @@ def encode_map(anomaly_map: np.ndarray, kind: MapKind) -> dict[str, Any]:
 def prediction_json(prediction: Prediction, map_kind: MapKind, map_size: MapSize) -> dict:
     """The /predict answer for one Prediction."""
     height, width = prediction.original_hw
+    regions = prediction.regions
     out: dict[str, Any] = {
         "score": prediction.score,
-        "decision": prediction.is_anomalous,
+        "anomalous": prediction.is_anomalous,
+        "decision": prediction.is_anomalous,  # the earlier name of "anomalous", kept for clients
         "threshold": prediction.threshold,
+        "pixel_threshold": prediction.pixel_threshold,
+        "regions": None if regions is None else [r.to_dict() for r in regions],
         "image": {"height": height, "width": width},
     }
     if map_kind != "none":
