@@ -19,7 +19,7 @@ demo: venv
 	$(BIN)/cops demo --out demo_out
 
 test: venv cpp-deps
-	$(BIN)/python -m pytest -q tests benchmarks --bench-quick
+	$(BIN)/python -m pytest -q --durations=25 tests benchmarks --bench-quick
 
 # What export/cpp builds with (Debian packages); tests/edge/test_cpp.py builds it. Installs only
 # the missing ones; elsewhere than Debian it names them and leaves the install to you.
