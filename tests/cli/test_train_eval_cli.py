@@ -1,4 +1,4 @@
-"""``cops train``, ``cops eval`` and ``cops demo``: smoke runs and refusals."""
+"""``cops train`` and ``cops eval``: smoke runs and refusals (``cops demo``: test_demo.py)."""
 
 from __future__ import annotations
 
@@ -105,32 +105,6 @@ def test_train_refusals(data, run_dir, tmp_path, capsys):
     assert "no run to resume" in capsys.readouterr().err
     assert main(_train_args(data, tmp_path / "z", "--classes", "carpet")) == 2
     assert "valid classes" in capsys.readouterr().err
-
-
-def test_demo_small(tmp_path, monkeypatch, capsys):
-    from cops_deploy.cli import demo_cmd
-
-    monkeypatch.setattr(
-        demo_cmd, "SYNTH", {"size": 48, "n_train_good": 1, "n_test_good": 2, "n_test_bad": 2}
-    )
-    monkeypatch.setattr(demo_cmd, "TRAIN_CLASSES", ("noise", "pcb"))
-    monkeypatch.setattr(demo_cmd, "HELD_OUT_CLASSES", ("screw",))
-    out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--epochs", "1", "--no-progress"]
-    assert main(args) == 0
-    text = capsys.readouterr().out
-    assert "randomly initialised" in text
-    assert "untrained: I-AUROC" in text and "trained: I-AUROC" in text
-    for name in ("eval_untrained", "eval_trained"):
-        assert (out / name / "results.md").is_file()
-        assert (out / name / "overlays" / "screw.png").is_file()
-    assert (out / "run" / "model" / "model.safetensors").is_file()
-    assert "| untrained |" in (out / "summary.md").read_text()
-    assert main(args) == 2
-    assert "--force" in capsys.readouterr().err
-    (out / "mine.txt").write_text("kept")
-    assert main([*args, "--force"]) == 0
-    assert (out / "mine.txt").read_text() == "kept"
 
 
 @pytest.mark.parametrize(
