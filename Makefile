@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(BIN)/cops demo --out demo_out
 
-test: venv cpp-deps
+test: venv cpp-deps browser
 	$(BIN)/python -m pytest -q --durations=25 tests benchmarks --bench-quick
 
 # What export/cpp builds with (Debian packages); tests/edge/test_cpp.py builds it. Installs only
@@ -41,8 +41,9 @@ cpp-deps:
 
 # A headless Chromium from Debian's packages, for tests/runtime/test_review.py (the review page
 # checked in a real browser: no broken image, the filter works, a screenshot). Same pattern as
-# cpp-deps: installs only what is missing; elsewhere than Debian it says so. Not a prerequisite of
-# `test` (about 200 MB); the browser test skips naming this target where no Chromium is found.
+# cpp-deps: installs only what is missing; elsewhere than Debian it says so. A prerequisite of
+# `test` (about 200 MB once), so CI checks the page in a real browser; where no Chromium can be
+# installed the browser tests skip, naming this target.
 BROWSER_DEPS := chromium-headless-shell fonts-dejavu-core
 .PHONY: browser
 browser:
