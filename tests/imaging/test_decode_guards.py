@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import io
 import os
-import signal
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import EpsImagePlugin, Image, ImageFile
+from timeouts_support import deadline
 
 from cops_deploy.errors import ConfigError, ImageReadError
 from cops_deploy.imaging.decode import (
@@ -28,22 +26,6 @@ from cops_deploy.imaging.decode import (
 from cops_deploy.imaging.visualize import side_by_side
 
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n%%EOF\n"
-
-
-@contextmanager
-def deadline(seconds: int) -> Iterator[None]:
-    """Fail instead of hanging (SIGALRM interrupts a blocking open of a FIFO)."""
-
-    def expired(signum: int, frame: object) -> None:
-        raise TimeoutError(f"hung for {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def _png(path: Path, size: tuple[int, int] = (8, 6)) -> Path:

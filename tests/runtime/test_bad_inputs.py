@@ -17,19 +17,18 @@ import io
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from timeouts_support import deadline
 
 from cops_deploy.errors import ImageReadError
 from cops_deploy.imaging.decode import load_image
@@ -270,22 +269,6 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         case.make(path)
     return root
-
-
-@contextmanager
-def deadline(seconds: int) -> Iterator[None]:
-    """Fail instead of hanging."""
-
-    def expired(signum: int, frame: object) -> None:
-        raise TimeoutError(f"hung for more than {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 # ----------------------------------------------------------------------------------------------
