@@ -413,7 +413,7 @@ class Detector:
             source = str(item) if isinstance(item, str | os.PathLike) else None
             original = resize_map(amap, hw) if original_size or cal is not None else None
             mask, found = None, None
-            if cal is not None and original is not None and min_area is not None:
+            if cal is not None:  # set only with a min_area, and then ``original`` is too
                 mask, listed = defect_regions(original, cal.pixel_threshold, min_area)
                 found = tuple(listed)
             out.append(
