@@ -53,7 +53,7 @@ from PIL import Image
 
 from cops_deploy.errors import BundleError, ConfigError, DatasetError
 from cops_deploy.fileio import atomic_write_bytes, atomic_write_text
-from cops_deploy.imaging.decode import IMAGE_EXTENSIONS, load_image
+from cops_deploy.imaging.decode import IMAGE_EXTENSIONS, load_image, scan_inputs
 from cops_deploy.runtime.bundle import Bundle, open_bundle, sha256_file
 from cops_deploy.runtime.manifest import (
     MANIFEST_NAME,
@@ -216,12 +216,11 @@ def list_images(folder: str | os.PathLike[str], what: str = "--normal") -> list[
             f"{what} {str(root)!r} is not a folder; valid: a folder of images. Fix: pass the "
             f"folder that holds them."
         )
-    images, others = [], []
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
-            continue
-        (images if path.suffix.lower() in IMAGE_EXTENSIONS else others).append(path)
+    # The folder walk of `cops predict` (hidden entries and link loops left out); stricter on
+    # what it reports: another suffix is refused here, and only regular files are images.
+    scan = scan_inputs(root)
+    images = [f.path for f in scan.files if f.path.is_file()]
+    others = [s.path for s in scan.skipped if s.reason == "unsupported_extension"]
     if others:
         shown = ", ".join(repr(p.relative_to(root).as_posix()) for p in others[:5])
         raise DatasetError(
