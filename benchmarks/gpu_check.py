@@ -15,6 +15,10 @@ measured before it:
   exported: float32 logits, softmax, LayerNorm, reductions) through PyTorch, CUDA graphs.
 - ``exported_fp16_fp16_logits``: the same with float16 attention logits (the form before the
   overflow fix), for the cost of the fix only; not gated.
+- ``compare_fp32_reference`` / ``compare_deploy_fp16_sdpa``: the same two measurements for the
+  ``--compare-arch`` model (AnomalyCLIP by default), so that CoPS and its baseline are timed
+  side by side on one GPU in one run (the paper: 168 vs 131 ms on an RTX 3090); its fp16 path
+  is parity-gated against its own fp32 outputs.
 
 Each timed stage measures latency p50/p90 at batch 1 and throughput at ``--batch`` (32), peak GPU
 memory, and the parity against ``fp32_reference`` of the outputs of the very runner that was
@@ -54,10 +58,12 @@ from cops_deploy.export.graphs import DeployModel  # noqa: E402
 from cops_deploy.export.onnx_export import synthetic_images  # noqa: E402
 
 PAPER_MS = 168.0  # the gate: the paper's per-frame latency
+PAPER_COMPARE_MS = 131.0  # AnomalyCLIP in the paper's timing (reported beside ours, not gated)
 TARGET_MS = 15.0  # our target for the PyTorch fp16 path (reported, not gated)
 MAP_TOL = 1e-2  # anomaly-map max abs diff vs fp32 (the benchmarks' low-precision gate)
 SCORE_TOL = 1e-2
 GATED_PATH = "deploy_fp16_sdpa"  # the PyTorch fp16 path the latency gate and target apply to
+COMPARE_PATH = "compare_deploy_fp16_sdpa"  # the --compare-arch model's fp16 path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,6 +186,7 @@ class Check:
         self.t0 = time.perf_counter()
         self.result: dict[str, Any] = {
             "arch": args.arch,
+            "compare_arch": args.compare_arch or None,
             "device": str(self.device),
             "torch": torch.__version__,
             "cuda": torch.version.cuda,
@@ -195,7 +202,7 @@ class Check:
             "stages": {},
             "status": "running",
         }
-        self.ref: tuple[np.ndarray, np.ndarray] | None = None
+        self.refs: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # by model: "" or "compare"
         self.write()
 
     def write(self) -> None:
@@ -238,14 +245,16 @@ class Check:
 
     # -- stages --------------------------------------------------------------------------------
 
-    def reference(self, model: torch.nn.Module, images: torch.Tensor) -> dict[str, Any]:
-        """fp32 outputs, one image at a time, and the model's eager latency."""
+    def reference(
+        self, model: torch.nn.Module, images: torch.Tensor, key: str = ""
+    ) -> dict[str, Any]:
+        """fp32 outputs, one image at a time (kept under ``key``), and the eager latency."""
         with torch.inference_mode():
             outs = [model(images[i : i + 1]) for i in range(len(images))]
             t = timed(lambda: model(images[:1]), self.device, 1, self.reps(3))
         scores = np.concatenate([to_numpy(o.pred_score) for o in outs])
         maps = np.concatenate([to_numpy(o.anomaly_map) for o in outs])
-        self.ref = (scores, maps)
+        self.refs[key] = (scores, maps)
         return {"eager": stats(t), "finite": bool(np.isfinite(maps).all())}
 
     def reference_eager(self, model: torch.nn.Module, images: torch.Tensor, dtype) -> dict:
@@ -260,10 +269,13 @@ class Check:
         maps = np.stack([o[1] for o in outs]).astype(np.float64)
         return {"batch1": stats(t), "parity": parity(scores, maps, ref_scores, ref_maps)}
 
-    def deploy_path(self, module: torch.nn.Module, images: torch.Tensor) -> dict[str, Any]:
+    def deploy_path(
+        self, module: torch.nn.Module, images: torch.Tensor, key: str = ""
+    ) -> dict[str, Any]:
         """One deploy path: batch-1 runner (latency, parity of its outputs), batch-N runner
-        (throughput, parity of its outputs)."""
-        ref_scores, ref_maps = self.need_reference()
+        (throughput, parity of its outputs); parity against the fp32 outputs kept under
+        ``key``."""
+        ref_scores, ref_maps = self.need_reference(key)
         n = len(images)
         runner = make_runner(module, images[:1])
         outs = [runner(images[i : i + 1]) for i in range(n)]
@@ -319,10 +331,11 @@ class Check:
         """Warm-up calls: ``n`` on CUDA, 1 on a dry run."""
         return n if self.device.type == "cuda" else 1
 
-    def need_reference(self) -> tuple[np.ndarray, np.ndarray]:
-        if self.ref is None:
-            raise RuntimeError("no fp32 reference outputs (stage fp32_reference failed)")
-        return self.ref
+    def need_reference(self, key: str = "") -> tuple[np.ndarray, np.ndarray]:
+        if key not in self.refs:
+            stage = f"{key}_fp32_reference" if key else "fp32_reference"
+            raise RuntimeError(f"no fp32 reference outputs (stage {stage} failed)")
+        return self.refs[key]
 
     def gates(self) -> None:
         """Gates (exit status) and the target, from the recorded stages."""
@@ -338,6 +351,7 @@ class Check:
                 "deploy_fp16_sdpa",
                 "deploy_bf16_sdpa",
                 "exported_fp16",
+                *((COMPARE_PATH,) if self.args.compare_arch else ()),
             ):
                 entry = stages.get(name, {})
                 for key in [k for k in entry if k.startswith("parity")]:
@@ -362,6 +376,14 @@ class Check:
             after = stages.get("exported_fp16", {}).get("batch1", {}).get("p50_ms")
             if before and after:
                 self.result["fp32_logits_cost_ratio"] = after / before
+            if self.args.compare_arch:
+                other = stages.get(COMPARE_PATH, {}).get("batch1", {}).get("p50_ms")
+                self.result["side_by_side"] = {
+                    "fp16 batch 1 p50_ms": {self.args.arch: p50, self.args.compare_arch: other},
+                    "ratio": (p50 / other) if p50 and other else None,
+                    "paper_ms (RTX 3090)": {"cops": PAPER_MS, "anomalyclip": PAPER_COMPARE_MS},
+                    "paper_ratio": PAPER_MS / PAPER_COMPARE_MS,
+                }
         gates["no stage failed"] = all(e["status"] != "failed" for e in stages.values())
         self.result["gates"] = gates
         self.result["status"] = "pass" if all(gates.values()) else "fail"
@@ -412,6 +434,13 @@ def run(args: argparse.Namespace) -> int:
                 f"placement_{name}",
                 lambda v=variant: check.placement(deploy_variant(model, *v), images),
             )
+        if args.compare_arch:
+            other = create_model(args.compare_arch, seed=0).to(device).eval()
+            other_images = synthetic_images(other.cfg, args.images, seed=3).to(device)
+            check.stage(
+                f"placement_{COMPARE_PATH}",
+                lambda: check.placement(deploy_variant(other, "sdpa", torch.float16), other_images),
+            )
         check.gates()
         return 0 if check.result["status"] == "pass" else 1
 
@@ -424,6 +453,25 @@ def run(args: argparse.Namespace) -> int:
     for name, attn, dtype, fp32_logits in PATHS:
         variant = (attn, dtype, fp32_logits)
         check.stage(name, lambda v=variant: check.deploy_path(deploy_variant(model, *v), images))
+    if args.compare_arch:  # the baseline, side by side, after every CoPS figure is on disk
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        other: dict[str, Any] = {}  # built inside the stage, so a failure is recorded
+
+        def compare_reference() -> dict[str, Any]:
+            other["model"] = create_model(args.compare_arch, seed=0).to(device).eval()
+            other["images"] = synthetic_images(other["model"].cfg, args.images, seed=3).to(device)
+            return check.reference(other["model"], other["images"], "compare")
+
+        def compare_deploy() -> dict[str, Any]:
+            if "model" not in other:
+                raise RuntimeError("no model (stage compare_fp32_reference failed)")
+            module = deploy_variant(other["model"], "sdpa", torch.float16)
+            return check.deploy_path(module, other["images"], "compare")
+
+        check.stage("compare_fp32_reference", compare_reference)
+        check.stage(COMPARE_PATH, compare_deploy)
     check.gates()
     print(
         json.dumps({k: check.result[k] for k in ("gates", "target") if k in check.result}, indent=2)
@@ -439,6 +487,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("bench_out/gpu"))
     p.add_argument("--arch", default="cops-vit-l-14-336")
+    p.add_argument(
+        "--compare-arch",
+        default="anomalyclip-vit-l-14-336",
+        help="a second model timed beside --arch (fp32 reference, fp16 deploy path); '' for none",
+    )
     p.add_argument("--device", default="cuda", help="cuda, cuda:N; cpu or meta for dry runs")
     p.add_argument("--images", type=int, default=4, help="images for parity (batch 1 each)")
     p.add_argument("--batch", type=int, default=32, help="batch of the throughput runner")

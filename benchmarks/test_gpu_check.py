@@ -46,6 +46,7 @@ def test_cpu_dry_run_end_to_end_without_build_packages(tmp_path: Path) -> None:
     """Every stage runs and is parity-gated on CPU (fp16/bf16 too); only the latency gate may
     fail on a CPU. One thread: the 2-core test machine is shared."""
     argv = ["--device", "cpu", "--arch", "cops-tiny", "--out", str(tmp_path)]
+    argv += ["--compare-arch", "anomalyclip-tiny"]
     argv += ["--images", "1", "--batch", "2", "--repeats", "1", "--budget-s", "1000"]
     code = BLOCK_AND_RUN.format(absent=ABSENT, argv=argv, script=str(HERE / "gpu_check.py"))
     root = str(HERE.parent)
@@ -64,9 +65,16 @@ def test_cpu_dry_run_end_to_end_without_build_packages(tmp_path: Path) -> None:
         "deploy_bf16_sdpa",
         "exported_fp16",
         "exported_fp16_fp16_logits",
+        "compare_fp32_reference",
+        "compare_deploy_fp16_sdpa",
     ]
     assert {name: s["status"] for name, s in stages.items()} == dict.fromkeys(stages, "ok")
-    for name in ("deploy_fp16_sdpa", "deploy_bf16_sdpa", "exported_fp16"):
+    for name in (
+        "deploy_fp16_sdpa",
+        "deploy_bf16_sdpa",
+        "exported_fp16",
+        "compare_deploy_fp16_sdpa",
+    ):
         entry = stages[name]
         assert entry["runner"].startswith("eager")  # said, not hidden: no CUDA graphs on a CPU
         assert entry["batch1"]["p50_ms"] > 0 and entry["batch2"]["img_per_s"] > 0
@@ -78,15 +86,20 @@ def test_cpu_dry_run_end_to_end_without_build_packages(tmp_path: Path) -> None:
     assert result["status"] == ("pass" if gates[latency] else "fail")
     assert proc.returncode == (0 if gates[latency] else 1)
     assert "fp32_logits_cost_ratio" in result
+    assert "compare_deploy_fp16_sdpa parity map max diff <= 0.01" in gates  # AnomalyCLIP gated
+    side = result["side_by_side"]  # CoPS and AnomalyCLIP timed in one run
+    p50 = side["fp16 batch 1 p50_ms"]
+    assert p50["cops-tiny"] > 0 and p50["anomalyclip-tiny"] > 0
+    assert side["ratio"] == p50["cops-tiny"] / p50["anomalyclip-tiny"]
 
 
 def test_meta_device_builds_every_path(tmp_path: Path) -> None:
     """The model on ``meta`` (CUDA's stand-in): every deploy path builds and runs there, so no
-    constant is created on the CPU beside weights on another device."""
+    constant is created on the CPU beside weights on another device (AnomalyCLIP's too)."""
     argv = ["--device", "meta", "--arch", "cops-tiny", "--out", str(tmp_path)]
-    assert gpu_check.main(argv) == 0
+    assert gpu_check.main([*argv, "--compare-arch", "anomalyclip-tiny"]) == 0
     result = read(tmp_path)
-    assert len(result["stages"]) == 6
+    assert len(result["stages"]) == 7
     for name, entry in result["stages"].items():
         assert entry["status"] == "ok", (name, entry.get("error"))
         assert entry["output_devices"] == entry["weight_and_constant_devices"] == ["meta"]

@@ -544,7 +544,8 @@ class AnomalyClipHeadGraph(DeployGraph):
             text = model.text_features().detach().float()  # (2, E), normalised
         self.register_buffer("text_t", text.t().contiguous().clone())  # (E, 2)
         k = map_projection(self.grid, cfg.vision.input_size, cfg.head.sigma, cfg.head.truncate)
-        self.register_buffer("projection", torch.from_numpy(k).float())  # (S, g)
+        projection = torch.from_numpy(k).float().to(text.device)  # on the weights' device
+        self.register_buffer("projection", projection)  # (S, g)
 
     def forward(
         self, image_embedding: torch.Tensor, patch_embedding: torch.Tensor

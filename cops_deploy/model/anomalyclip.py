@@ -99,6 +99,9 @@ class AnomalyClipPromptLearner(nn.Module):
             self.register_buffer(f"token_prefix_{side}", torch.zeros(1, 1, 1, w))
             self.register_buffer(f"token_suffix_{side}", torch.zeros(1, 1, length - 1 - n, w))
             self.register_buffer(f"tokenized_prompts_{side}", ids[i].view(1, 1, -1).clone())
+        # The EOT positions of these ids; used only where the buffers hold no data (the meta
+        # device, on which device placement is checked without a GPU).
+        self._eot_of_cfg = tuple(int(ids[i].view(-1).argmax()) for i in range(2))
 
     @torch.no_grad()
     def fill_token_embeddings(self, token_embedding: torch.Tensor) -> None:
@@ -121,6 +124,8 @@ class AnomalyClipPromptLearner(nn.Module):
 
     def eot_indices(self) -> tuple[int, int]:
         """EOT position of each prompt (the largest token id), normal then anomalous."""
+        if self.tokenized_prompts_pos.is_meta:
+            return self._eot_of_cfg  # type: ignore[return-value]
         return tuple(  # type: ignore[return-value]
             int(getattr(self, f"tokenized_prompts_{side}").view(-1).argmax())
             for side in ("pos", "neg")
