@@ -214,7 +214,10 @@ class Check:
         os.replace(tmp, self.out)
 
     def stage(self, name: str, fn: Callable[[], dict[str, Any]]) -> None:
-        """Run one stage; record its figures, or its failure with the error; write the JSON."""
+        """Run one stage; record its figures, or its failure with the error; write the JSON.
+        A stage that ``--stages`` leaves out is neither run nor recorded."""
+        if not self.selected(name):
+            return
         budget = self.args.budget_s
         elapsed = time.perf_counter() - self.t0
         if elapsed > budget:
@@ -331,6 +334,10 @@ class Check:
         """Warm-up calls: ``n`` on CUDA, 1 on a dry run."""
         return n if self.device.type == "cuda" else 1
 
+    def selected(self, name: str) -> bool:
+        """Whether stage ``name`` is to run (``--stages``; every stage by default)."""
+        return not self.args.stages or name in self.args.stages.split(",")
+
     def need_reference(self, key: str = "") -> tuple[np.ndarray, np.ndarray]:
         if key not in self.refs:
             stage = f"{key}_fp32_reference" if key else "fp32_reference"
@@ -353,6 +360,8 @@ class Check:
                 "exported_fp16",
                 *((COMPARE_PATH,) if self.args.compare_arch else ()),
             ):
+                if name not in stages and not self.selected(name):
+                    continue  # left out by --stages
                 entry = stages.get(name, {})
                 for key in [k for k in entry if k.startswith("parity")]:
                     p = entry[key]
@@ -411,6 +420,16 @@ PATHS: tuple[tuple[str, str, torch.dtype, bool], ...] = (
 )
 
 
+STAGES = (
+    "fp32_reference",
+    "reference_eager_fp32",
+    "reference_eager_fp16",
+    *(p[0] for p in PATHS),
+    "compare_fp32_reference",
+    COMPARE_PATH,
+)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the check; returns the exit status."""
     device = torch.device(args.device)
@@ -419,6 +438,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False  # an honest fp32 reference
     torch.backends.cudnn.allow_tf32 = False
+    if args.stages:
+        unknown = sorted(set(args.stages.split(",")) - set(STAGES))
+        if unknown or "fp32_reference" not in args.stages.split(","):
+            print(
+                f"--stages: unknown {unknown} or no fp32_reference (every path is compared "
+                f"with it); stages: {', '.join(STAGES)}",
+                file=sys.stderr,
+            )
+            return 2
     check = Check(args)
     model = create_model(args.arch, seed=0).to(device).eval()
     images = synthetic_images(model.cfg, args.images, seed=3).to(device)
@@ -491,6 +519,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--compare-arch",
         default="anomalyclip-vit-l-14-336",
         help="a second model timed beside --arch (fp32 reference, fp16 deploy path); '' for none",
+    )
+    p.add_argument(
+        "--stages",
+        default="",
+        help="comma-separated stages to run (default: all); fp32_reference is required",
     )
     p.add_argument("--device", default="cuda", help="cuda, cuda:N; cpu or meta for dry runs")
     p.add_argument("--images", type=int, default=4, help="images for parity (batch 1 each)")

@@ -177,3 +177,16 @@ def test_parity_is_gated_on_the_timed_runner(tmp_path: Path, monkeypatch) -> Non
     assert np.isclose(result["stages"]["deploy_fp16_sdpa"]["parity"]["map_max_diff"], 0.5)
     assert result["gates"]["deploy_fp16_sdpa parity map max diff <= 0.01"] is False
     assert result["gates"]["deploy_fp16_sdpa parity_batch2 map max diff <= 0.01"] is False
+
+
+def test_stages_selects_what_runs_and_what_is_gated(tmp_path: Path) -> None:
+    """--stages runs (and gates) only the stages it names; fp32_reference is required."""
+    args = args_for(tmp_path, stages="fp32_reference,deploy_fp16_sdpa", compare_arch="")
+    gpu_check.run(args)
+    result = read(tmp_path)
+    assert list(result["stages"]) == ["fp32_reference", "deploy_fp16_sdpa"]
+    gates = result["gates"]
+    assert "deploy_fp16_sdpa parity map max diff <= 0.01" in gates
+    assert not any(g.startswith(("reference_eager", "exported", "compare")) for g in gates)
+    assert gpu_check.run(args_for(tmp_path, stages="deploy_fp16_sdpa")) == 2
+    assert gpu_check.run(args_for(tmp_path, stages="fp32_reference,fast")) == 2
