@@ -33,7 +33,8 @@ for i, r in enumerate(TABLE_S3, 1):
     st = res.get("stages", {})
     row = {"model": r.model, "backbone": r.backbone, "input_size": r.input_size,
            "paper_image_auroc": r.image_auroc, "paper_pixel_auroc": r.pixel_auroc,
-           "status": res.get("status"), "gpu": res.get("gpu")}
+           "status": res.get("status"), "gpu": res.get("gpu"),
+           "torch": res.get("torch"), "cuda": res.get("cuda")}
     for name in ("fp32_reference", "deploy_fp16_sdpa", "deploy_bf16_sdpa"):
         e = st.get(name, {})
         row[name] = {k: e.get(k) for k in ("status", "eager", "batch1", "batch32", "parity",

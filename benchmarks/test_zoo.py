@@ -90,6 +90,45 @@ def test_write_zoo_writes_json_markdown_and_chart(tmp_path: Path):
     assert [p.name for p in zoo.write_zoo(no_cpu, tmp_path / "partial")][-1] == "zoo.png"
 
 
+def test_gpu_zoo_rows_become_a_chart(tmp_path: Path):
+    """gpu_zoo.sh's JSON: each passing row gives an fp16 and a bf16 point (ms); a failed row
+    none; the chart is written."""
+
+    def row(r, status, fp16, bf16):
+        return {
+            "model": r.model, "backbone": r.backbone, "input_size": r.input_size,
+            "paper_image_auroc": r.image_auroc, "paper_pixel_auroc": r.pixel_auroc,
+            "status": status, "gpu": "NVIDIA H200",
+            "deploy_fp16_sdpa": {"batch1": {"p50_ms": fp16}},
+            "deploy_bf16_sdpa": {"batch1": {"p50_ms": bf16}},
+        }  # fmt: skip
+
+    data = {"rows": [row(TABLE_S3[0], "pass", 2.7, 2.8), row(TABLE_S3[1], "fail", 4.4, 4.5)]}
+    results = zoo.from_gpu_zoo(data)
+    first, second = (results["rows"][r.model] for r in TABLE_S3[:2])
+    assert first["backends"] == {
+        "torch-cuda/fp16": {"p50_ms": 2.7},
+        "torch-cuda/bf16": {"p50_ms": 2.8},
+    }
+    assert second["backends"] == {}  # a row that failed its gates is not drawn
+    assert first["image_auroc"] == TABLE_S3[0].image_auroc
+    assert "NVIDIA H200" in results["machine"]["title"]
+    assert (
+        zoo.main(
+            ["--gpu-zoo", str(_write(tmp_path / "g.json", data)), "--out", str(tmp_path / "g.png")]
+        )
+        == 0
+    )
+    assert (tmp_path / "g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _write(path: Path, data: dict) -> Path:
+    import json
+
+    path.write_text(json.dumps(data))
+    return path
+
+
 def test_merge_keeps_earlier_rows_of_the_same_machine():
     earlier, now = _fake_results(), _fake_results()
     first = TABLE_S3[0].model

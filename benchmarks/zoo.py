@@ -177,6 +177,7 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 # What a chart's x axis can be: the wall time, or the CPU seconds (all threads) per image.
 LATENCIES = {
     "p50_s": "measured p50 latency per image, batch 1 (s, log scale)",
+    "p50_ms": "measured p50 latency per image, batch 1 (ms, log scale)",
     "cpu_p50_s": "measured CPU seconds per image, all threads, batch 1 (s, log scale)",
 }
 
@@ -291,11 +292,8 @@ def chart(results: dict[str, Any], path: Path, key: str = "p50_s") -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
     m = results.get("machine", {})
-    fig.suptitle(
-        f"CoPS backbones: paper accuracy vs latency measured on {m.get('processor', '?')} "
-        f"({m.get('cpu_count', '?')} cores)",
-        fontsize=10,
-    )
+    where = m.get("title") or f"{m.get('processor', '?')} ({m.get('cpu_count', '?')} cores)"
+    fig.suptitle(f"CoPS backbones: paper accuracy vs latency measured on {where}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -366,3 +364,52 @@ def write_zoo(results: dict[str, Any], out: Path) -> list[Path]:
     paths[1].write_text(markdown(results))
     chart(results, paths[2])
     return paths
+
+
+# GPU rows: benchmarks/gpu_zoo.sh runs on a machine with PyTorch and CUDA only (no ONNX Runtime
+# or OpenVINO there) and writes gpu_zoo.json; these turn it into the same chart.
+GPU_PATHS = {("torch-cuda", "fp16"): "deploy_fp16_sdpa", ("torch-cuda", "bf16"): "deploy_bf16_sdpa"}
+
+
+def from_gpu_zoo(data: dict[str, Any]) -> dict[str, Any]:
+    """Zoo results (latency key ``p50_ms``) from ``gpu_zoo.json``: the deploy graphs in fp16 and
+    bf16 under CUDA graphs, one point per row and precision that ran and passed its gates."""
+    rows: dict[str, Any] = {}
+    gpu = None
+    for r in data["rows"]:
+        backends = {}
+        for (name, precision), stage in GPU_PATHS.items():
+            p50 = r.get(stage, {}).get("batch1", {}).get("p50_ms")
+            if r.get("status") == "pass" and p50 is not None:
+                backends[f"{name}/{precision}"] = {"p50_ms": p50}
+        rows[r["model"]] = {
+            "backbone": r["backbone"],
+            "input_size": r["input_size"],
+            "image_auroc": r["paper_image_auroc"],
+            "pixel_auroc": r["paper_pixel_auroc"],
+            "backends": backends,
+        }
+        gpu = gpu or r.get("gpu")
+    title = f"{gpu or 'a GPU'} (PyTorch deploy graphs, CUDA graphs)"
+    return {
+        "rows": rows,
+        "backends": [list(k) for k in GPU_PATHS],
+        "machine": {"processor": gpu, "title": title},
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python benchmarks/zoo.py --gpu-zoo gpu_zoo.json --out zoo-gpu.png``: the GPU chart."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--gpu-zoo", type=Path, required=True, help="gpu_zoo.json (gpu_zoo.sh)")
+    p.add_argument("--out", type=Path, required=True, help="the chart (.png)")
+    args = p.parse_args(argv)
+    chart(from_gpu_zoo(json.loads(args.gpu_zoo.read_text())), args.out, "p50_ms")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
