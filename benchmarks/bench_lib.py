@@ -363,6 +363,20 @@ def best_rates(rates: list[GemmRate]) -> dict[str, GemmRate]:
     return best
 
 
+def floors(flops: dict[str, int], rates: dict[str, float]) -> dict[str, float]:
+    """Seconds per image at the best GEMM rate (GFLOP/s) of each precision: ``fp32`` is the
+    whole deploy pipeline at the fp32 rate; ``bf16`` is the vision graph at the bf16 rate plus
+    the head at the fp32 rate, since the bf16 paths run only the vision graph in bfloat16 (the
+    head stays fp32). ``flops``: ``deploy`` (both graphs) and ``vision``."""
+    out = {}
+    if rates.get("fp32"):
+        out["fp32"] = flops["deploy"] / (rates["fp32"] * 1e9)
+    if rates.get("bf16") and rates.get("fp32"):
+        head = flops["deploy"] - flops["vision"]
+        out["bf16"] = flops["vision"] / (rates["bf16"] * 1e9) + head / (rates["fp32"] * 1e9)
+    return out
+
+
 @contextlib.contextmanager
 def explicit_attention(model: torch.nn.Module) -> Iterator[None]:
     """Run ``model``'s attention modules as plain matmuls for a while (FLOP counting)."""

@@ -44,6 +44,9 @@ from bench_lib import (
     time_runs,
     torch_backend,
 )
+from bench_lib import (
+    floors as floor_seconds,
+)
 
 from cops_deploy import create_model
 from cops_deploy.configs import get_config
@@ -153,18 +156,21 @@ def ctx(arch, bench_opts, machine_rates, tmp_path_factory) -> dict[str, Any]:
     x1 = torch.from_numpy(data.images[:1])
     # Count with explicit attention: torch's counter does not see the CPU flash-attention kernel.
     with explicit_attention(model):
+        deploy = DeployModel(model, attn_impl="explicit")
         flops = {
-            "deploy": count_flops(DeployModel(model, attn_impl="explicit"), x1),
+            "deploy": count_flops(deploy, x1),
+            "vision": count_flops(deploy.vision, x1),
             "eager": count_flops(model, x1),
         }
-    floors = {p: flops["deploy"] / (rate * 1e9) for p, rate in machine_rates.items()}
+    floors = floor_seconds(flops, machine_rates)
     bundles = bench_opts["out"] / "bundles"
     record = RESULTS["archs"].setdefault(arch, {"backends": {}})
     record.update(
         flops=flops, floors=floors, plan=plan, reference_metrics=aurocs(ref_scores, ref_maps, data)
     )
     print(
-        f"{arch}: {flops['deploy'] / 1e12:.3f} TFLOP per image (deploy pipeline), "
+        f"{arch}: {flops['deploy'] / 1e12:.3f} TFLOP per image (deploy pipeline; vision graph "
+        f"{flops['vision'] / 1e12:.3f}), "
         f"{flops['eager'] / 1e12:.3f} (eager); floors "
         + ", ".join(f"{p} {f:.3f} s" for p, f in floors.items())
     )
