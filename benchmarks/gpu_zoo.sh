@@ -21,30 +21,7 @@ for row in $rows; do
     --stages fp32_reference,deploy_fp16_sdpa,deploy_bf16_sdpa --budget-s 100 \
     --out "$OUT_DIR/row$i" || status=1
 done
-"$PY" - "$OUT_DIR" <<'PYEOF' || status=1
-import json, sys
-from pathlib import Path
-from cops_deploy.configs.paper import TABLE_S3
-out = Path(sys.argv[1])
-rows = []
-for i, r in enumerate(TABLE_S3, 1):
-    f = out / f"row{i}" / "gpu_check.json"
-    res = json.loads(f.read_text()) if f.is_file() else {"status": "missing"}
-    st = res.get("stages", {})
-    row = {"model": r.model, "backbone": r.backbone, "input_size": r.input_size,
-           "paper_image_auroc": r.image_auroc, "paper_pixel_auroc": r.pixel_auroc,
-           "status": res.get("status"), "gpu": res.get("gpu"),
-           "torch": res.get("torch"), "cuda": res.get("cuda")}
-    for name in ("fp32_reference", "deploy_fp16_sdpa", "deploy_bf16_sdpa"):
-        e = st.get(name, {})
-        row[name] = {k: e.get(k) for k in ("status", "eager", "batch1", "batch32", "parity",
-                                          "peak_gpu_mem_mib") if k in e}
-    rows.append(row)
-    b1 = row["deploy_fp16_sdpa"].get("batch1", {}).get("p50_ms")
-    print(f"{r.model:26s} {r.image_auroc:5.1f}/{r.pixel_auroc:5.1f}  fp16 p50 "
-          f"{b1 if b1 is None else round(b1, 2)} ms  status {row['status']}")
-out.mkdir(parents=True, exist_ok=True)
-(out / "gpu_zoo.json").write_text(json.dumps({"rows": rows}, indent=2))
-PYEOF
+mkdir -p "$OUT_DIR"
+"$PY" benchmarks/zoo.py --collect-gpu "$OUT_DIR" || status=1
 echo "gpu_zoo exit status $status; results in $OUT_DIR/gpu_zoo.json"
 exit "$status"

@@ -4,6 +4,7 @@ the table and the chart writer run (part of ``make test``)."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -90,20 +91,30 @@ def test_write_zoo_writes_json_markdown_and_chart(tmp_path: Path):
     assert [p.name for p in zoo.write_zoo(no_cpu, tmp_path / "partial")][-1] == "zoo.png"
 
 
-def test_gpu_zoo_rows_become_a_chart(tmp_path: Path):
-    """gpu_zoo.sh's JSON: each passing row gives an fp16 and a bf16 point (ms); a failed row
-    none; the chart is written."""
+def _gpu_check_json(folder: Path, status: str, fp16: float, bf16: float) -> None:
+    """A row's gpu_check.json as benchmarks/gpu_check.py writes it (the keys zoo reads)."""
+    folder.mkdir(parents=True)
+    stages = {
+        "fp32_reference": {"status": "ok", "eager": {"p50_ms": 40.0}},
+        "deploy_fp16_sdpa": {"status": "ok", "batch1": {"p50_ms": fp16}, "batch32": {}},
+        "deploy_bf16_sdpa": {"status": "ok", "batch1": {"p50_ms": bf16}},
+    }
+    result = {"status": status, "gpu": "NVIDIA H200", "torch": "2.11", "stages": stages}
+    (folder / "gpu_check.json").write_text(json.dumps(result))
 
-    def row(r, status, fp16, bf16):
-        return {
-            "model": r.model, "backbone": r.backbone, "input_size": r.input_size,
-            "paper_image_auroc": r.image_auroc, "paper_pixel_auroc": r.pixel_auroc,
-            "status": status, "gpu": "NVIDIA H200",
-            "deploy_fp16_sdpa": {"batch1": {"p50_ms": fp16}},
-            "deploy_bf16_sdpa": {"batch1": {"p50_ms": bf16}},
-        }  # fmt: skip
 
-    data = {"rows": [row(TABLE_S3[0], "pass", 2.7, 2.8), row(TABLE_S3[1], "fail", 4.4, 4.5)]}
+def test_gpu_zoo_rows_are_collected_and_drawn(tmp_path: Path, capsys):
+    """gpu_zoo.sh's rows: collected in table order (a row that wrote nothing is "missing", and
+    the exit status says a row did not pass); each passing row gives an fp16 and a bf16 point
+    (ms), a failed one none; the chart is written."""
+    _gpu_check_json(tmp_path / "row1", "pass", 2.7, 2.8)
+    _gpu_check_json(tmp_path / "row2", "fail", 4.4, 4.5)
+    assert zoo.main(["--collect-gpu", str(tmp_path)]) == 1  # rows 2-6 did not pass
+    data = json.loads((tmp_path / "gpu_zoo.json").read_text())
+    assert [r["model"] for r in data["rows"]] == [r.model for r in TABLE_S3]
+    assert [r["status"] for r in data["rows"]] == ["pass", "fail", *["missing"] * 4]
+    assert data["rows"][0]["deploy_fp16_sdpa"]["batch1"] == {"p50_ms": 2.7}
+    assert "fp16 p50 2.70 ms  status pass" in capsys.readouterr().out
     results = zoo.from_gpu_zoo(data)
     first, second = (results["rows"][r.model] for r in TABLE_S3[:2])
     assert first["backends"] == {
@@ -113,20 +124,9 @@ def test_gpu_zoo_rows_become_a_chart(tmp_path: Path):
     assert second["backends"] == {}  # a row that failed its gates is not drawn
     assert first["image_auroc"] == TABLE_S3[0].image_auroc
     assert "NVIDIA H200" in results["machine"]["title"]
-    assert (
-        zoo.main(
-            ["--gpu-zoo", str(_write(tmp_path / "g.json", data)), "--out", str(tmp_path / "g.png")]
-        )
-        == 0
-    )
-    assert (tmp_path / "g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def _write(path: Path, data: dict) -> Path:
-    import json
-
-    path.write_text(json.dumps(data))
-    return path
+    chart = tmp_path / "g.png"
+    assert zoo.main(["--gpu-zoo", str(tmp_path / "gpu_zoo.json"), "--out", str(chart)]) == 0
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_merge_keeps_earlier_rows_of_the_same_machine():

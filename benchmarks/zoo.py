@@ -371,6 +371,30 @@ def write_zoo(results: dict[str, Any], out: Path) -> list[Path]:
 GPU_PATHS = {("torch-cuda", "fp16"): "deploy_fp16_sdpa", ("torch-cuda", "bf16"): "deploy_bf16_sdpa"}
 
 
+def collect_gpu_rows(out: Path) -> dict[str, Any]:
+    """``gpu_zoo.json``'s content from ``out/rowN/gpu_check.json`` (N: the row's place in
+    TABLE_S3, from 1): per row the paper's figures, the check's status (``missing`` where the
+    row wrote nothing), the GPU and versions, and the three stages' figures."""
+    rows = []
+    for i, r in enumerate(TABLE_S3, 1):
+        f = out / f"row{i}" / "gpu_check.json"
+        res = json.loads(f.read_text()) if f.is_file() else {"status": "missing"}
+        row: dict[str, Any] = {
+            "model": r.model,
+            "backbone": r.backbone,
+            "input_size": r.input_size,
+            "paper_image_auroc": r.image_auroc,
+            "paper_pixel_auroc": r.pixel_auroc,
+            **{k: res.get(k) for k in ("status", "gpu", "torch", "cuda")},
+        }
+        for name in ("fp32_reference", *GPU_PATHS.values()):
+            stage = res.get("stages", {}).get(name, {})
+            keep = ("status", "eager", "batch1", "batch32", "parity", "peak_gpu_mem_mib")
+            row[name] = {k: stage[k] for k in keep if k in stage}
+        rows.append(row)
+    return {"rows": rows}
+
+
 def from_gpu_zoo(data: dict[str, Any]) -> dict[str, Any]:
     """Zoo results (latency key ``p50_ms``) from ``gpu_zoo.json``: the deploy graphs in fp16 and
     bf16 under CUDA graphs, one point per row and precision that ran and passed its gates."""
@@ -399,13 +423,30 @@ def from_gpu_zoo(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python benchmarks/zoo.py --gpu-zoo gpu_zoo.json --out zoo-gpu.png``: the GPU chart."""
+    """``python benchmarks/zoo.py --collect-gpu OUT_DIR`` (gpu_zoo.sh: OUT_DIR/gpu_zoo.json from
+    the rows' checks), ``python benchmarks/zoo.py --gpu-zoo gpu_zoo.json --out zoo-gpu.png``
+    (the GPU chart)."""
     import argparse
 
     p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("--gpu-zoo", type=Path, required=True, help="gpu_zoo.json (gpu_zoo.sh)")
-    p.add_argument("--out", type=Path, required=True, help="the chart (.png)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--collect-gpu", type=Path, help="gpu_zoo.sh's output folder")
+    what.add_argument("--gpu-zoo", type=Path, help="gpu_zoo.json (gpu_zoo.sh)")
+    p.add_argument("--out", type=Path, help="the chart (.png), with --gpu-zoo")
     args = p.parse_args(argv)
+    if args.collect_gpu:
+        data = collect_gpu_rows(args.collect_gpu)
+        (args.collect_gpu / "gpu_zoo.json").write_text(json.dumps(data, indent=2))
+        for r in data["rows"]:
+            p50 = r["deploy_fp16_sdpa"].get("batch1", {}).get("p50_ms")
+            shown = "n/a" if p50 is None else f"{p50:.2f} ms"
+            print(
+                f"{r['model']:26s} {r['paper_image_auroc']:5.1f}/{r['paper_pixel_auroc']:5.1f}"
+                f"  fp16 p50 {shown}  status {r['status']}"
+            )
+        return 0 if all(r["status"] == "pass" for r in data["rows"]) else 1
+    if args.out is None:
+        p.error("--gpu-zoo needs --out")
     chart(from_gpu_zoo(json.loads(args.gpu_zoo.read_text())), args.out, "p50_ms")
     print(f"wrote {args.out}")
     return 0
