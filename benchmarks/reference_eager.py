@@ -119,23 +119,8 @@ class ReferenceEager:
     # ---------------------------------------------------------------- text
     def encode_text(self, prompts: torch.Tensor) -> torch.Tensor:
         """(P, 77, W) prompt embeddings -> normalised features (P, E)."""
-        t = self.m.clip.text
-        p = self.cfg.prompt
-        length = prompts.shape[1]
-        mask = torch.full((length, length), float("-inf"), device=prompts.device)
-        mask = mask.triu_(1).to(prompts.dtype)
-        x = prompts + t.positional_embedding
-        deep = list(self.m.prompt.compound_prompts_text)
-        for i, block in enumerate(t.transformer.resblocks):
-            if 1 <= i <= len(deep):
-                tok = deep[i - 1].half().to(x.dtype).expand(x.shape[0], -1, -1)
-                x = torch.cat([x[:, :1], tok, x[:, 1 + tok.shape[1] :]], dim=1)
-            h = _ln(x, block.ln_1)
-            qkv = F.linear(h, block.attn.in_proj_weight, block.attn.in_proj_bias)
-            q, k, val = (_heads(u, self.cfg.text.heads) for u in qkv.chunk(3, dim=-1))
-            x = x + _out(block.attn, _attend(q, k, val, mask))
-            x = x + _mlp(block, _ln(x, block.ln_2))
-        x = _ln(x, t.ln_final)[:, p.eot_index] @ t.text_projection
+        eot = torch.full((prompts.shape[0],), self.cfg.prompt.eot_index, device=prompts.device)
+        x = _encode_text(self.m, prompts, eot)
         return x / x.norm(dim=-1, keepdim=True)
 
     def text_features(self, proto_n, proto_a, z) -> torch.Tensor:
