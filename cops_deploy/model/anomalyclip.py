@@ -204,19 +204,9 @@ class AnomalyClipModel(nn.Module):
         """Image feature g (B, E) and ``ln_post(tokens) @ proj`` per feature layer
         (B, L, 1 + N, E), CLS first."""
         visual = self.clip.visual
-        vcfg = self.cfg.vision
-        first_dual = vcfg.layers - vcfg.v_vv_layers  # 0-based index of the first V-V block
-        x = visual.tokens(images)
-        x_ori = x
-        feats = []
-        for i, block in enumerate(visual.transformer.resblocks):
-            if i < first_dual:
-                x = x_ori = block(x)
-            else:
-                x, x_ori = block.forward_dual(x, x_ori)
-            if i + 1 in vcfg.feature_layers:
-                feats.append(visual.ln_post(x) @ visual.proj)
-        return x_ori[:, 0] @ visual.proj, torch.stack(feats, dim=1)
+        x_ori, feats = visual.dual_path(images)
+        layers = [visual.ln_post(x) @ visual.proj for x in feats]
+        return x_ori[:, 0] @ visual.proj, torch.stack(layers, dim=1)
 
     def encode_image(self, images: torch.Tensor) -> VisionOutput:
         """Image embedding g (B, E) and patch embeddings (B, L*N, E), layer-major."""

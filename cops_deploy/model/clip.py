@@ -73,7 +73,9 @@ class VisionTower(nn.Module):
         x = torch.cat([cls, x], dim=1) + self.positions(grid).to(x.dtype)
         return self.ln_pre(x)
 
-    def forward(self, images: torch.Tensor) -> VisionOutput:
+    def dual_path(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The blocks, the last ``v_vv_layers`` on both paths: the original path's tokens after
+        the last block and the V-V path's tokens after each feature layer, (B, 1 + N, W)."""
         cfg = self.cfg
         first_dual = cfg.layers - cfg.v_vv_layers  # 0-based index of the first dual block
         x = self.tokens(images)
@@ -86,6 +88,10 @@ class VisionTower(nn.Module):
                 x, x_ori = block.forward_dual(x, x_ori)
             if i + 1 in cfg.feature_layers:
                 feats.append(x)
+        return x_ori, feats
+
+    def forward(self, images: torch.Tensor) -> VisionOutput:
+        x_ori, feats = self.dual_path(images)
         image = x_ori[:, 0] @ self.proj  # (B, E)
         patches = [self.ln_post(f[:, 1:]) @ self.proj for f in feats]  # each (B, N, E)
         patch = patches[0] if len(patches) == 1 else torch.stack(patches).mean(0)
